@@ -1,0 +1,1 @@
+"""REST API (FastAPI) of the control plane."""

@@ -1,0 +1,1 @@
+"""The `standby` command line: Typer + Rich; maps errors to exit codes in one place."""

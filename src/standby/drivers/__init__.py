@@ -1,0 +1,1 @@
+"""Hypervisor drivers behind a small interface: libvirt (KVM/QEMU) first."""

@@ -1,0 +1,1 @@
+"""Jobs and workflows: protect, replicate, fail over, commit, reverse, recovery plans."""

@@ -1,0 +1,1 @@
+"""Readiness: prerequisite rules grouped in platform profiles, producing findings with remedies."""

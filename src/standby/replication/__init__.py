@@ -1,0 +1,1 @@
+"""Data plane: change sources, wire protocol, sender, receiver, replica store. No database, no HTTP."""

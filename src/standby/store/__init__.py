@@ -1,0 +1,1 @@
+"""Persistence for the control plane: SQLAlchemy, SQLite by default, PostgreSQL in production."""

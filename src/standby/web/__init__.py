@@ -1,0 +1,1 @@
+"""Web dashboard of the control plane."""
