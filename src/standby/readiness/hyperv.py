@@ -124,14 +124,16 @@ def _hyperv_clusters(fabric: Fabric) -> list[str]:
 
 
 @rule("hv.cluster-kb2961977", profile=PROFILE, severity=Severity.ERROR,
-      requirement=f"Windows Server 2012 R2 Hyper-V clusters have update {KB_2012R2_CLUSTER} installed on every node.",
+      requirement=f"Hyper-V cluster nodes running Windows Server 2012 R2 have update {KB_2012R2_CLUSTER} installed.",
       source="PRQ 11")
 def cluster_kb(fabric: Fabric) -> Iterator[Problem]:
     for cluster in _hyperv_clusters(fabric):
-        if _cluster_os(fabric, cluster) != "2012 R2":
-            continue
+        cluster_os = _cluster_os(fabric, cluster)
+        # A node's own OS decides (a mixed 2012 R2 / 2016 cluster mid rolling upgrade still has
+        # 2012 R2 nodes that need the update); a node that reports none takes the cluster's.
         missing = sorted(n for n, h in fabric.hosts.items()
-                         if h.cluster == cluster and KB_2012R2_CLUSTER not in h.installed_updates)
+                         if h.cluster == cluster and (h.os or cluster_os) == "2012 R2"
+                         and KB_2012R2_CLUSTER not in h.installed_updates)
         if missing:
             yield Problem(f"cluster/{cluster}", f"nodes without {KB_2012R2_CLUSTER}: {', '.join(missing)}",
                           f"install {KB_2012R2_CLUSTER} on each node: https://support.microsoft.com/kb/2961977")
