@@ -77,6 +77,10 @@ def disk_format(fabric: Fabric) -> Iterator[Problem]:
             elif disk.qcow2_compat == "0.10":
                 yield Problem(subject, f"disk {disk_name!r} is qcow2 v2, which cannot hold dirty bitmaps; "
                               "every cycle scans the whole disk", "upgrade it offline: qemu-img amend -o compat=1.1 DISK")
+            elif disk.qcow2_compat is None:
+                yield Problem(subject, f"disk {disk_name!r} is qcow2 but its version (compat) is not reported, so "
+                              "changed-block tracking is unknown",
+                              f"set hosts.{host}.vms.{vm}.disks.{disk_name}.qcow2_compat or rerun `standby discover`")
 
 
 @rule("kvm.disk-kinds", profile=PROFILE, severity=Severity.ERROR,
@@ -140,12 +144,15 @@ def cpu_compatible(fabric: Fabric) -> Iterator[Problem]:
             continue
         cpu = fabric.hosts[host].cpu
         candidates = [fabric.hosts[h].cpu for h in fabric.hosts_of_cloud(pairing.secondary)]
+        # One known-compatible secondary host meets the requirement, whatever the others report.
+        if cpu is not None and any(c is not None and c.vendor == cpu.vendor and set(cpu.features) <= set(c.features)
+                                   for c in candidates):
+            continue
         if cpu is None or any(c is None for c in candidates):
             yield Problem(host_subject(host), "CPU models are not reported, so failover compatibility is unknown",
                           "set hosts.NAME.cpu or rerun `standby discover`", Severity.WARNING)
             continue
-        if candidates and not any(c is not None and c.vendor == cpu.vendor and set(cpu.features) <= set(c.features)
-                                  for c in candidates):
+        if candidates:
             yield Problem(host_subject(host), f"no host of {pairing.secondary!r} offers a CPU compatible with "
                           f"{cpu.vendor} {cpu.model}", "add a compatible secondary host, or give the VMs a baseline "
                           "CPU model (for example x86-64-v2) that both sites support")
