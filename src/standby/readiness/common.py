@@ -118,9 +118,13 @@ def cloud_has_host_groups(platform: Platform) -> Check:
 
 def paired_clouds_have_hosts(platform: Platform) -> Check:
     def check(fabric: Fabric) -> Iterator[Problem]:
+        reported: set[str] = set()
         for p in fabric.pairings:
             for role, cloud in (("primary", p.primary), ("secondary", p.secondary)):
+                if cloud in reported:
+                    continue
                 if fabric.platform_of_cloud(cloud) is platform and not fabric.hosts_of_cloud(cloud):
+                    reported.add(cloud)
                     yield Problem(cloud_subject(cloud), f"the {role} cloud of a pairing has no host in its host groups",
                                   f"add {platform} hosts to a host group of cloud {cloud!r}")
         paired = fabric.paired_clouds()
