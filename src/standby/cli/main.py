@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from standby import __version__
 from standby.cli import demo_cmds, readiness_cmds
+from standby.cli import replication_cmds
 from standby.errors import StandbyError
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ def main(
 
 readiness_cmds.register(app)
 demo_cmds.register(app)
+replication_cmds.register(app)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -55,7 +57,8 @@ def run(argv: list[str] | None = None) -> int:
     except StandbyError as exc:
         if debug:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
+        # soft_wrap: print the message as is; hard wrapping would split file paths.
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
@@ -65,16 +68,18 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except Exception as exc:  # a click usage error or a bug
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
+    except typer.TyperException as exc:  # a usage error (Typer vendors Click: no `import click`)
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            err_console.print(f"error: {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except Exception as exc:  # a bug
         if debug:
             traceback.print_exc()
         err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} "
-                          "(run with --debug for the traceback; please report it)", highlight=False)
+                          "(run with --debug for the traceback; please report it)", highlight=False, soft_wrap=True)
         return 70
     return rc if isinstance(rc, int) else 0
 

@@ -521,6 +521,23 @@ def _new_cycle_id(kind: CycleKind) -> str:
     return f"{prefix}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
 
 
+def probe(endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str, size: int,
+          block_size: int = BLOCK_SIZE, timeout: float = 30.0) -> HelloOk:
+    """Ask the agent about a disk's replica (latest point, staged cycle) and hang up."""
+    check_id(disk_id, "disk id")
+    if isinstance(endpoint, str):
+        endpoint = Endpoint.parse(endpoint)
+    chan = Channel(endpoint, context, timeout)
+    try:
+        chan.send(Hello(disk_id, size, block_size))
+        hello = chan.recv(HelloOk)
+        assert isinstance(hello, HelloOk)
+        _read_resume(chan, hello.resume_frames, HashTable(size, block_size=block_size).n_blocks)
+        return hello
+    finally:
+        chan.close()
+
+
 def run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str,
               options: SenderOptions | None = None,
               progress: Callable[[int], None] | None = None) -> CycleResult:

@@ -1,0 +1,348 @@
+"""Replication from the command line, without a control plane: the CA, the agent, one-off
+replication of an image, recovery points of a local replica store, offline seeds.
+
+    standby ca init DIR
+    standby ca issue DIR NAME --san 10.0.0.5 --san host.example
+    standby agent --listen 0.0.0.0:7443 --store /var/lib/standby --cert C --key K --ca CA
+    standby replicate IMAGE --to HOST:PORT --disk-id ID [--seed|--hash-scan|--changed-extents F]
+    standby points list --store DIR --disk-id ID
+    standby points verify --store DIR --disk-id ID [--point P | --all]
+    standby seed export IMAGE DEST --disk-id ID      (on the primary)
+    standby seed import SRC --store DIR              (on the secondary)
+
+TLS files default to $STANDBY_TLS_CERT, $STANDBY_TLS_KEY and $STANDBY_TLS_CA.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from standby.domain.bandwidth import Schedule, ScheduleError, parse_rate
+from standby.errors import BadInput, IntegrityError
+
+console = Console()
+err_console = Console(stderr=True)
+
+ca_app = typer.Typer(help="A small certificate authority for the replication links (mutual TLS).",
+                     no_args_is_help=True)
+points_app = typer.Typer(help="Recovery points of a local replica store (on the secondary host).",
+                         no_args_is_help=True)
+seed_app = typer.Typer(help="Offline initial replication: export a seed, carry it, import it.", no_args_is_help=True)
+
+_CERT = typer.Option(..., "--cert", envvar="STANDBY_TLS_CERT", help="This host's certificate (PEM).")
+_KEY = typer.Option(..., "--key", envvar="STANDBY_TLS_KEY", help="This host's private key (PEM).")
+_CA = typer.Option(..., "--ca", envvar="STANDBY_TLS_CA", help="The CA certificate both ends trust (PEM).")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ---------------------------------------------------------------------------- ca
+
+
+@ca_app.command("init")
+def ca_init(directory: Path = typer.Argument(..., help="Directory for ca.key (0600) and ca.crt."),
+            name: str = typer.Option("Standby CA", "--name", help="The CA's common name."),
+            days: int = typer.Option(3650, "--days", help="Validity in days.")) -> None:
+    """Create a CA (ECDSA P-256 key and self-signed certificate)."""
+    from standby.replication.tls import init_ca
+
+    path = init_ca(directory, name, days)
+    console.print(f"CA created: {escape(str(path))} (key {escape(str(directory / 'ca.key'))}, mode 0600)")
+
+
+@ca_app.command("issue")
+def ca_issue(directory: Path = typer.Argument(..., help="The CA directory."),
+             name: str = typer.Argument(..., help="Host name (certificate CN; files NAME.crt, NAME.key)."),
+             san: list[str] = typer.Option(None, "--san", help="DNS name or IP address (repeatable); default NAME."),
+             days: int = typer.Option(825, "--days", help="Validity in days."),
+             out: Path = typer.Option(None, "--out", help="Write the files here instead of the CA directory.")) -> None:
+    """Issue a host certificate (serverAuth + clientAuth) signed by the CA."""
+    from standby.replication.tls import issue
+
+    ident = issue(directory, name, san or None, days=days, out_dir=out)
+    console.print(f"issued {escape(str(ident.cert))} and {escape(str(ident.key))} (mode 0600) "
+                  f"for {escape(', '.join(san or [name]))}")
+
+
+# ---------------------------------------------------------------------------- agent
+
+
+def _listen(text: str) -> tuple[str, int]:
+    from standby.replication.sender import Endpoint
+
+    ep = Endpoint.parse(text)
+    return ep.host, ep.port
+
+
+def agent_cmd(
+    listen: str = typer.Option("0.0.0.0:7443", "--listen", help="HOST:PORT to listen on (port 0: any)."),
+    store: Path = typer.Option(..., "--store", help="Replica store directory."),
+    cert: Path = _CERT, key: Path = _KEY, ca: Path = _CA,
+) -> None:
+    """Serve the replication receiver: apply cycles from senders to the replica store."""
+    from standby.replication.receiver import Receiver
+    from standby.replication.store import ReplicaStore
+    from standby.replication.tls import Identity, server_context
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = _listen(listen)
+    ctx = server_context(Identity(cert, key, ca))
+    try:
+        rx = Receiver(ReplicaStore(store), ctx, host, port)
+    except OSError as exc:
+        raise BadInput(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    rx.start()
+    logging.getLogger("standby.agent").info("agent listening on %s:%d, store %s", rx.address[0], rx.address[1],
+                                            store)
+    while not stop.wait(1.0):
+        pass
+    logging.getLogger("standby.agent").info("agent stopping")
+    rx.stop()
+
+
+# ---------------------------------------------------------------------------- replicate
+
+
+def _schedule(bwlimit: str | None, schedule: str | None) -> Schedule | None:
+    try:
+        rate = parse_rate(bwlimit) if bwlimit else None
+        if schedule:
+            sched = Schedule.parse(schedule)
+            if bwlimit:
+                sched = Schedule(sched.windows, rate)
+            return sched
+        if bwlimit:
+            return Schedule((), rate) if rate is not None else None
+    except ScheduleError as exc:
+        raise BadInput(str(exc)) from None
+    return None
+
+
+def replicate_cmd(
+    image: Path = typer.Argument(..., help="Source disk image (raw)."),
+    to: str = typer.Option(..., "--to", help="The agent, HOST:PORT."),
+    disk_id: str = typer.Option(..., "--disk-id", help="The disk's id on the agent."),
+    changed_extents: Path = typer.Option(None, "--changed-extents",
+                                         help="File of changed extents (JSON [[offset, length], ...] or lines "
+                                              "'OFFSET LENGTH')."),
+    hash_scan: bool = typer.Option(False, "--hash-scan", help="Compare every block with the replica's digests."),
+    seed: bool = typer.Option(False, "--seed", help="Initial replication of an empty replica (resumable)."),
+    streams: int = typer.Option(4, "--streams", min=1, max=64, help="Parallel TLS streams."),
+    bwlimit: str = typer.Option(None, "--bwlimit", help="Bandwidth limit, e.g. 20MiB/s or 100Mbit."),
+    schedule: str = typer.Option(None, "--schedule",
+                                 help='Time-of-day limits, e.g. "08:00-18:00=10MiB/s, otherwise unlimited" '
+                                      "(--bwlimit then sets the 'otherwise' rate)."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Send blocks uncompressed."),
+    consistency: str = typer.Option("crash", "--consistency", help="crash or app."),
+    state_dir: Path = typer.Option(None, "--state-dir", envvar="STANDBY_SENDER_STATE",
+                                   help="Sender state directory (default ~/.local/state/standby/sender)."),
+    cert: Path = _CERT, key: Path = _KEY, ca: Path = _CA,
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
+) -> None:
+    """Replicate one cycle of IMAGE to an agent and print a summary. Without a mode flag:
+    a seed if the replica is empty, else a hash scan."""
+    from standby.replication.changes import ExtentSource, FullSource, HashScanSource, read_extents_file
+    from standby.replication.protocol import Consistency
+    from standby.replication.sender import Endpoint, SenderOptions, probe, run_cycle
+    from standby.replication.tls import Identity, client_context
+
+    if sum(bool(x) for x in (changed_extents, hash_scan, seed)) > 1:
+        raise BadInput("choose one of --changed-extents, --hash-scan and --seed")
+    endpoint = Endpoint.parse(to)
+    ctx = client_context(Identity(cert, key, ca))
+    opts = SenderOptions(streams=streams, compress=not no_compress, schedule=_schedule(bwlimit, schedule),
+                         state_dir=state_dir or Path.home() / ".local" / "state" / "standby" / "sender",
+                         consistency=Consistency.from_label(consistency))
+    if changed_extents:
+        source: Any = ExtentSource(image, read_extents_file(changed_extents))
+    elif hash_scan:
+        source = HashScanSource(image)
+    elif seed:
+        source = FullSource(image)
+    else:
+        hello = probe(endpoint, ctx, disk_id, FullSource(image).size)
+        source = FullSource(image) if hello.latest_point is None else HashScanSource(image)
+    if as_json:
+        result = run_cycle(source, endpoint, ctx, disk_id, opts)
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    with Progress(TextColumn(f"[bold]{escape(disk_id)}[/] {source.kind.name.lower().replace('_', ' ')}"),
+                  BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("replicate", total=source.total_bytes())
+        lock = threading.Lock()
+
+        def advance(n: int) -> None:
+            with lock:
+                bar.advance(task, n)
+
+        result = run_cycle(source, endpoint, ctx, disk_id, opts, progress=advance)
+    _print_summary(result, opts)
+
+
+def _print_summary(r: Any, opts: Any) -> None:
+    t = Table(show_header=False, box=None, padding=(0, 2))
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("point", f"{r.point_id} (disk {escape(r.disk_id)}, {r.kind}, base {r.base_point or 'none'})")
+    t.add_row("examined", _human(r.bytes_examined))
+    t.add_row("read", _human(r.bytes_read))
+    t.add_row("sent on wire", f"{_human(r.wire_bytes)} over {r.streams} stream(s)")
+    t.add_row("blocks", f"{r.data_blocks} data, {r.zero_blocks} zero, {r.skipped_blocks} unchanged"
+                        + (f", {r.resumed_blocks} already staged (resumed)" if r.resumed_blocks else ""))
+    t.add_row("time", f"{r.seconds:.2f} s" + (f" ({r.throttled_seconds:.1f} s throttled)"
+                                              if r.throttled_seconds else ""))
+    t.add_row("throughput", f"{_human(r.throughput)}/s examined, {_human(r.wire_bytes / max(r.seconds, 1e-9))}/s "
+                            "on the wire")
+    if opts.schedule is not None:
+        t.add_row("bandwidth", escape(opts.schedule.describe()))
+    t.add_row("digest", r.digest)
+    console.print(t)
+
+
+# ---------------------------------------------------------------------------- points
+
+
+def _fmt_time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@points_app.command("list")
+def points_list(store: Path = typer.Option(..., "--store", help="Replica store directory."),
+                disk_id: str = typer.Option(..., "--disk-id", help="The disk."),
+                as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List a disk's recovery points, oldest first."""
+    from standby.replication.store import ReplicaStore
+
+    pts = ReplicaStore(store).disk(disk_id).points()
+    if as_json:
+        print(json.dumps([{"id": p.id, "seq": p.seq, "created_at": p.created_at, "consistency": p.consistency,
+                           "digest": p.digest, "bytes_changed": p.bytes_changed,
+                           "blocks_changed": p.blocks_changed, "meta": p.meta} for p in pts], indent=2))
+        return
+    t = Table(title=f"recovery points of {escape(disk_id)}")
+    for col in ("id", "time", "consistency", "changed", "blocks", "digest"):
+        t.add_column(col, no_wrap=True)
+    for p in pts:
+        t.add_row(p.id, _fmt_time(p.created_at), p.consistency, _human(p.bytes_changed), str(p.blocks_changed),
+                  p.digest)
+    console.print(t)
+    console.print(f"{len(pts)} point(s)")
+
+
+@points_app.command("verify")
+def points_verify(store: Path = typer.Option(..., "--store", help="Replica store directory."),
+                  disk_id: str = typer.Option(..., "--disk-id", help="The disk."),
+                  point: str = typer.Option(None, "--point", help="The point (default: the latest)."),
+                  all_points: bool = typer.Option(False, "--all", help="Verify every retained point."),
+                  as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Re-read a point's whole chain and check it against its recorded disk digest (exit 6 on mismatch)."""
+    from standby.replication.store import ReplicaStore
+
+    disk = ReplicaStore(store).disk(disk_id)
+    if all_points:
+        ids = [p.id for p in disk.points()]
+    elif point:
+        ids = [point]
+    else:
+        latest = disk.latest()
+        if latest is None:
+            raise BadInput(f"disk {disk_id} has no recovery point to verify")
+        ids = [latest.id]
+    results = [disk.verify(i) for i in ids]
+    if as_json:
+        print(json.dumps([{"point": r.point_id, "ok": r.ok, "expected_digest": r.expected_digest,
+                           "actual_digest": r.actual_digest, "blocks": r.blocks, "seconds": round(r.seconds, 3),
+                           "mismatched_blocks": r.mismatched_blocks[:100], "problems": r.problems}
+                          for r in results], indent=2))
+    else:
+        for r in results:
+            verdict = "[green]OK[/]" if r.ok else "[bold red]MISMATCH[/]"
+            console.print(f"point {r.point_id}: {verdict} ({r.blocks} blocks in {r.seconds:.2f} s, "
+                          f"digest {r.actual_digest or '?'})")
+            for p in r.problems:
+                console.print(f"  {escape(p)}")
+    bad = [r.point_id for r in results if not r.ok]
+    if bad:
+        raise IntegrityError(f"disk {disk_id}: point(s) {', '.join(bad)} do not match their digest")
+
+
+# ---------------------------------------------------------------------------- seeds
+
+
+@seed_app.command("export")
+def seed_export(image: Path = typer.Argument(..., help="Source disk image (raw)."),
+                dest: Path = typer.Argument(..., help="Seed directory to write (carried to the secondary)."),
+                disk_id: str = typer.Option(..., "--disk-id", help="The disk's id at the secondary."),
+                state_dir: Path = typer.Option(None, "--state-dir", envvar="STANDBY_SENDER_STATE",
+                                               help="Sender state directory (records the seed's digest table "
+                                                    "so the first catch-up cycle needs no scan)."),
+                as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Export a seed of IMAGE; import it at the secondary with `standby seed import`, then
+    catch up with `standby replicate --hash-scan` (or --changed-extents)."""
+    from standby.replication.seeding import export_image_seed
+
+    result = export_image_seed(image, dest, disk_id,
+                               state_dir or Path.home() / ".local" / "state" / "standby" / "sender")
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        console.print(f"seed of {escape(str(image))} written to {escape(str(dest))}: point {result['point']}, "
+                      f"{_human(result['data_bytes'])} of data, digest {result['digest']} "
+                      f"({result['seconds']:.1f} s)")
+
+
+@seed_app.command("import")
+def seed_import(src: Path = typer.Argument(..., help="Seed directory made by `standby seed export`."),
+                store: Path = typer.Option(..., "--store", help="Replica store directory."),
+                disk_id: str = typer.Option(None, "--disk-id", help="Disk id (default: the one in the seed)."),
+                as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Import a seed as the first recovery point of a disk."""
+    from standby.replication.store import ReplicaStore
+
+    t0 = time.perf_counter()
+    point = ReplicaStore(store).import_seed(src, disk_id)
+    out = {"point": point.id, "digest": point.digest, "bytes": point.bytes_changed,
+           "seconds": round(time.perf_counter() - t0, 3)}
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        console.print(f"seed imported: point {point.id}, digest {point.digest}, {_human(point.bytes_changed)} "
+                      f"({out['seconds']:.1f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(ca_app, name="ca")
+    app.command("agent")(agent_cmd)
+    app.command("replicate")(replicate_cmd)
+    app.add_typer(points_app, name="points")
+    app.add_typer(seed_app, name="seed")
+
