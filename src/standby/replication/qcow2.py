@@ -64,6 +64,7 @@ _BE_Q = struct.Struct(">Q")
 
 MAX_CHAIN = 4096
 TOUCHED_LIMIT = 1 << 16
+MAX_SIZE = 1 << 50  # 1 PiB: far above any disk, bounds what a garbled header can ask for
 
 
 def _align(n: int) -> int:
@@ -152,12 +153,14 @@ class Qcow2Reader:
         try:
             self.header = read_header(self.fd, str(self.path))
             h = self.header
+            self.file_size = os.fstat(self.fd).st_size
+            if h.size > MAX_SIZE or h.l1_offset + h.l1_size * 8 > self.file_size:
+                raise Qcow2Error(f"{self.path}: L1 table or virtual size out of bounds (truncated file?)")
             raw = os.pread(self.fd, h.l1_size * 8, h.l1_offset) if h.l1_size else b""
             if len(raw) != h.l1_size * 8:
                 raise Qcow2Error(f"{self.path}: L1 table truncated")
             self.l1 = [(e & OFFSET_MASK) for e in struct.unpack(f">{h.l1_size}Q", raw)]
             self._l2: dict[int, tuple[int, ...]] = {}
-            self.file_size = os.fstat(self.fd).st_size
         except BaseException:
             os.close(self.fd)
             raise
