@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,8 +217,11 @@ class Qcow2Reader:
         return 0 if t is None else t[index % L2_ENTRIES]
 
     def entries(self) -> dict[int, int]:
-        """Every non-zero L2 entry: {guest cluster index: raw entry}."""
-        out: dict[int, int] = {}
+        """Every non-zero L2 entry: {guest cluster index: raw entry} (small layers)."""
+        return dict(self.iter_entries())
+
+    def iter_entries(self) -> Iterator[tuple[int, int]]:
+        """(guest cluster index, raw entry) of every non-zero L2 entry, in guest order."""
         for l1i in range(len(self.l1)):
             t = self.l2_table(l1i)
             if t is None:
@@ -225,8 +229,8 @@ class Qcow2Reader:
             base = l1i * L2_ENTRIES
             for j, e in enumerate(t):
                 if e:
-                    out[base + j] = e
-        return out
+                    yield base + j, e
+            self._l2.pop(l1i, None)  # streaming: do not keep every table of a big layer
 
     def read_cluster(self, host_offset: int) -> bytes:
         data = os.pread(self.fd, CLUSTER_SIZE, host_offset)
@@ -330,15 +334,27 @@ class Qcow2Writer:
         """Reopen a finished layer to merge more blocks into it (append-only, see module doc)."""
         with Qcow2Reader(path) as r:
             h = r.header
-            entries = r.entries()
-            file_size = r.file_size
-        w = cls(path, h.size, h.backing, _existing=True)
-        w.next_offset = _align(file_size)
-        live = 0
-        for idx, e in entries.items():
-            w._set(idx, e)
-            if not e & OFLAG_ZERO:
-                live += 1
+            w = cls(path, h.size, h.backing, _existing=True)
+            w.next_offset = _align(r.file_size)
+            w._touched = None
+            live = 0
+            for ri, off in enumerate(r.l1):
+                if not off:
+                    continue
+                raw = os.pread(r.fd, CLUSTER_SIZE, off)
+                if len(raw) != CLUSTER_SIZE:
+                    raise Qcow2Error(f"{path}: L2 table at {off} truncated")
+                nonzero = 0
+                for (e,) in struct.iter_unpack(">Q", raw):
+                    if e:
+                        nonzero += 1
+                        if e & OFLAG_COMPRESSED:
+                            raise Qcow2Error(f"{path}: compressed clusters are not supported")
+                        if not e & OFLAG_ZERO:
+                            live += 1
+                if nonzero:
+                    w._l2[ri] = bytearray(raw)
+                    w._l2_count[ri] = nonzero
         w._data_clusters = live
         w.garbage_clusters = w.next_offset // CLUSTER_SIZE - 1 - live
         return w
@@ -453,27 +469,30 @@ class Qcow2Writer:
     def data_clusters(self) -> int:
         return self._data_clusters
 
-    def iter_entries(self) -> list[tuple[int, int]]:
-        with self._lock:
-            return self._iter_entries_locked()
+    def iter_entries(self) -> Iterator[tuple[int, int]]:
+        """(guest index, raw entry) of every mapped cluster, in guest order.
 
-    def _iter_entries_locked(self) -> list[tuple[int, int]]:
-        """(guest index, raw entry) of every mapped cluster, in guest order."""
-        out = []
+        Not to be mixed with concurrent writes (use it once the writes are done).
+        """
         if self._touched is not None:
             for i in sorted(self._touched):
                 e = self.entry(i)
                 if e:
-                    out.append((i, e))
-            return out
+                    yield i, e
+            return
         for ri in sorted(self._l2):
             if not self._l2_count[ri]:
                 continue
             base = ri * L2_ENTRIES
             for j, (e,) in enumerate(struct.iter_unpack(">Q", self._l2[ri])):
                 if e:
-                    out.append((base + j, e))
-        return out
+                    yield base + j, e
+
+    def region_entries(self) -> Iterator[tuple[int, bytearray, int]]:
+        """(region, raw big-endian L2 table, mapped count) of every region with entries."""
+        for ri in sorted(self._l2):
+            if self._l2_count[ri]:
+                yield ri, self._l2[ri], self._l2_count[ri]
 
     def truncate_to(self, end: int) -> None:
         """Drop everything at or after `end` (resuming a writer: unjournaled appends)."""
@@ -522,7 +541,7 @@ class Qcow2Writer:
                 refc[c * 2:(c + n) * 2] = b"\x00\x01" * n
 
             ref(0)
-            for _i, e in self._iter_entries_locked():
+            for _i, e in self.iter_entries():
                 if not e & OFLAG_ZERO:
                     ref(e & OFFSET_MASK)
             ref(data_end, (file_end - data_end) // CLUSTER_SIZE)

@@ -73,6 +73,18 @@ instead when more than half of layer k would be garbage), then rename layer k ov
 the old files open keeps reading its unchanged old clusters. On open, a point whose
 layer is backed by a layer no point owns has its interrupted merge finished.
 
+Seeds (offline initial replication)
+-----------------------------------
+`export_seed(point, DIR)` writes a directory to carry: `seed.qcow2` (one standalone
+qcow2 v3 layer, no backing: the point's whole content, zero blocks unallocated, readable
+by qemu-img), `seed.hashes` (the full block-digest table, same encoding as `.full`) and
+`seed.json` ({"format": "standby-seed/1", disk_id, size, block_size, point, digest,
+created_at, consistency, meta, image, hashes}). The export re-reads the chain and refuses
+to write a seed that does not match the point's digest. `import_seed(DIR)` stages the
+image as an ordinary (resumable) cycle named `seed-<digest prefix>` on an empty disk and
+commits it against the seed's digest, so it becomes point 1 only if every block matches;
+the next cycle is a delta on top of it.
+
 Recovery on open (under the lock): temp files removed, staging with an intent rolled
 forward or discarded, interrupted merges finished, layers and hash files no point owns
 deleted, pins of vanished points dropped.
@@ -598,11 +610,7 @@ class DiskReplica:
             raise Conflict(f"disk {self.disk_id}: the replica moved to {latest.id if latest else None} "
                            f"while cycle {w.cycle_id} was staged on {w.base_point}")
         base_table = self._latest_table(latest)
-        changes, bytes_changed = w._changes()
-        new = bytearray(base_table.to_bytes())
-        for i, dg in changes:
-            new[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = dg
-        table = HashTable(self.size, new)
+        table, changes, n_changed, bytes_changed = w._apply_changes(base_table, self.n_blocks // 4)
         digest = table.disk_digest()
         if digest != expected_digest:
             w._discard()
@@ -615,7 +623,7 @@ class DiskReplica:
         layer = self.layers_dir / f"{pid}.qcow2"
         point = RecoveryPoint(id=pid, seq=seq, created_at=float(created_at), consistency=consistency,
                               digest=digest.hex(), bytes_changed=bytes_changed,
-                              blocks_changed=len(changes), layer=layer, meta=dict(meta),
+                              blocks_changed=n_changed, layer=layer, meta=dict(meta),
                               cycle_id=w.cycle_id, base=w.base_point)
         with _space_errors():
             if not rolling_forward:
@@ -626,16 +634,18 @@ class DiskReplica:
             layer.unlink(missing_ok=True)
             os.link(w.dir / "data.qcow2", layer)
             _fsync_dir(self.layers_dir)
-            full_due = latest is None or self._deltas_since_full + len(changes) > self.n_blocks // 4
-            _write_durable(self.hashes_dir / f"{pid}.delta", _encode_delta(changes), atomic=False,
-                           sync_dir=not full_due)
+            full_due = latest is None or changes is None or \
+                self._deltas_since_full + n_changed > self.n_blocks // 4
+            if changes is not None:
+                _write_durable(self.hashes_dir / f"{pid}.delta", _encode_delta(changes), atomic=False,
+                               sync_dir=not full_due)
             if full_due:
                 _write_durable(self.hashes_dir / f"{pid}.full", _encode_full(table), atomic=False)
             _write_durable(self.points_dir / f"{pid}.json", _json_bytes(point.to_json()))
         # committed
         self._points = pts + [point]
         self._table = (seq, table)
-        self._deltas_since_full = 0 if full_due else self._deltas_since_full + len(changes)
+        self._deltas_since_full = 0 if full_due else self._deltas_since_full + n_changed
         w._close()
         shutil.rmtree(w.dir, ignore_errors=True)
         if full_due:
@@ -745,7 +755,7 @@ class DiskReplica:
     def _merge_into(self, lower: Path, upper: Path) -> None:
         """Fold layer `upper` into `lower` (whose point is gone), then `lower` takes `upper`'s name."""
         with Qcow2Reader(upper) as up:
-            up_entries = sorted(up.entries().items())
+            up_entries = list(up.iter_entries())
             w = Qcow2Writer.open_existing(lower)
             try:
                 live = w.data_clusters()
@@ -781,12 +791,8 @@ class DiskReplica:
         with Qcow2Reader(lower) as lo:
             w = Qcow2Writer(tmp, self.size, lo.backing)
             try:
-                merged: dict[int, tuple[int, int]] = {i: (0, e) for i, e in lo.entries().items()}
-                for i, e in up_entries:
-                    merged[i] = (1, e)
                 srcs = (lo, up)
-                for i in sorted(merged):
-                    which, e = merged[i]
+                for i, which, e in _merge_entries(lo.iter_entries(), iter(up_entries)):
                     if e & OFLAG_ZERO:
                         w.map_zero(i, 1)
                     else:
@@ -950,6 +956,23 @@ class DiskReplica:
                         sdir.name, e)
             w._close()
             (sdir / "commit.json").unlink(missing_ok=True)
+
+
+def _merge_entries(lower: Iterator[tuple[int, int]], upper: Iterator[tuple[int, int]]
+                   ) -> Iterator[tuple[int, int, int]]:
+    """Merge two index-ordered entry streams: (index, 0 lower / 1 upper, entry); upper wins."""
+    lo = next(lower, None)
+    up = next(upper, None)
+    while lo is not None or up is not None:
+        if up is None or (lo is not None and lo[0] < up[0]):
+            assert lo is not None
+            yield lo[0], 0, lo[1]
+            lo = next(lower, None)
+        else:
+            yield up[0], 1, up[1]
+            if lo is not None and lo[0] == up[0]:
+                lo = next(lower, None)
+            up = next(upper, None)
 
 
 def _copy_cluster(src_fd: int, src_off: int, dst_fd: int, dst_off: int) -> None:
@@ -1174,18 +1197,43 @@ class CycleWriter:
         if block_length(size, last) != BLOCK_SIZE:
             self._set_digest(last, zero_block_digest(block_length(size, last)))
 
-    def _changes(self) -> tuple[list[tuple[int, bytes]], int]:
-        """(index, digest) of every block this cycle set, in index order; and the data bytes."""
-        out = []
-        total = 0
+    def _apply_changes(self, base: HashTable, delta_limit: int
+                       ) -> tuple[HashTable, list[tuple[int, bytes]] | None, int, int]:
+        """The base table with this cycle's digests applied; (table, delta entries or None when
+        more than `delta_limit` blocks changed, blocks changed, data bytes changed)."""
         size = self.disk.size
-        for i, e in self.qcow.iter_entries():
-            r = self._digests[i // L2_ENTRIES]
-            j = (i % L2_ENTRIES) * DIGEST_SIZE
-            out.append((i, bytes(r[j:j + DIGEST_SIZE])))
-            if not e & OFLAG_ZERO:
-                total += block_length(size, i)
-        return out, total
+        n = self.disk.n_blocks
+        new = bytearray(base.to_bytes())
+        q = self.qcow
+        count = q.mapped()
+        delta: list[tuple[int, bytes]] | None = [] if count <= delta_limit else None
+        total = 0
+        if delta is not None:
+            for i, e in q.iter_entries():
+                r = self._digests[i // L2_ENTRIES]
+                j = (i % L2_ENTRIES) * DIGEST_SIZE
+                dg = bytes(r[j:j + DIGEST_SIZE])
+                new[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = dg
+                delta.append((i, dg))
+                if not e & OFLAG_ZERO:
+                    total += block_length(size, i)
+            return HashTable(size, new), delta, count, total
+        # a big cycle (a seed): region by region, whole regions copied at once
+        for ri, l2, mapped in q.region_entries():
+            base_i = ri * L2_ENTRIES
+            r = self._digests[ri]
+            span = min(L2_ENTRIES, n - base_i)
+            if mapped == span:
+                new[base_i * DIGEST_SIZE:(base_i + span) * DIGEST_SIZE] = r[:span * DIGEST_SIZE]
+            for j, (e,) in enumerate(struct.iter_unpack(">Q", l2)):
+                if not e:
+                    continue
+                if mapped != span:
+                    new[(base_i + j) * DIGEST_SIZE:(base_i + j + 1) * DIGEST_SIZE] = \
+                        r[j * DIGEST_SIZE:(j + 1) * DIGEST_SIZE]
+                if not e & OFLAG_ZERO:
+                    total += block_length(size, base_i + j)
+        return HashTable(size, new), None, count, total
 
     # -- receiving ---------------------------------------------------------------------
     @staticmethod
