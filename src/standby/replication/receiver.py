@@ -133,6 +133,9 @@ class Receiver:
                     return
                 time.sleep(0.05)
                 continue
+            if self._stopping.is_set():
+                raw.close()
+                return
             t = threading.Thread(target=self._handle, args=(raw, addr), name=f"agent-conn-{addr[1]}",
                                  daemon=True)
             with self._lock:
@@ -143,9 +146,10 @@ class Receiver:
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         try:
-            self._listener.close()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
         except OSError:
             pass
+        self._listener.close()
         with self._lock:
             conns = list(self._conns)
             threads = list(self._threads)
