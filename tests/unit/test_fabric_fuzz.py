@@ -291,12 +291,21 @@ def test_cli_check_exit_codes(fuzz_dir: Path, text: str) -> None:
         assert rc == (0 if report["ready"] else 1)
 
 
-# --- known faults outside the loader, found by fuzzing ------------------------------------------
+# --- faults found by fuzzing, fixed in the domain model ------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="domain/fabric.py Version accepts any number of digits and readiness/kvm.py's "
-                          "version_tuple() then hits Python's 4300-digit int limit: `standby check` exits 70")
-def test_a_version_too_long_for_int_is_refused_or_checked() -> None:
+def test_a_version_too_long_for_int_is_refused() -> None:
     text = (EXAMPLES / "kvm-two-sites.yaml").read_text().replace('libvirt_version: "9.0.0"',
                                                                   f'libvirt_version: "{"9" * 5000}"', 1)
-    outcome(text)
+    assert isinstance(outcome(text), FabricError)
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("clock_skew_seconds: 0.4", "clock_skew_seconds: .nan"),
+    ("size_gib: 20}", "size_gib: .inf}"),
+    ("port: 7443", "port: true"),
+    ("storage_free_gib: 2000", "storage_free_gib: .inf"),
+])
+def test_non_numbers_are_refused(old: str, new: str) -> None:
+    text = (EXAMPLES / "kvm-two-sites.yaml").read_text()
+    assert old in text
+    assert isinstance(outcome(text.replace(old, new, 1)), FabricError)

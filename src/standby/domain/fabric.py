@@ -13,13 +13,14 @@ fabric file is an error, not a silently ignored setting.
 from __future__ import annotations
 
 import ipaddress
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, model_validator
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$")]
-Version = Annotated[str, StringConstraints(pattern=r"^\d+(\.\d+){0,3}$")]
+Version = Annotated[str, StringConstraints(pattern=r"^\d{1,6}(\.\d{1,6}){0,3}$")]
 
 
 class Strict(BaseModel):
@@ -65,11 +66,8 @@ class Server(Strict):
     def _version_for_platform(self) -> Server:
         if self.platform is Platform.HYPERV and self.version not in VMM_VERSIONS:
             raise ValueError(f"version {self.version!r} is not a System Center release; one of {', '.join(VMM_VERSIONS)}")
-        if self.platform is Platform.KVM:
-            try:
-                version_tuple(self.version)
-            except ValueError:
-                raise ValueError(f"version {self.version!r} is not a dotted version such as 0.1.0") from None
+        if self.platform is Platform.KVM and not re.fullmatch(r"\d{1,6}(\.\d{1,6}){0,3}", self.version):
+            raise ValueError(f"version {self.version!r} is not a dotted version such as 0.1.0")
         return self
 
 
@@ -104,8 +102,8 @@ class Host(Strict):
     replication_address: str | None = Field(default=None, description="address the replication engine listens on")
     reaches_control_plane: bool = True
     reaches_hosts: list[Name] = Field(default_factory=list, description="hosts reachable on the replication port")
-    clock_skew_seconds: float = 0.0
-    storage_free_gib: float | None = Field(default=None, ge=0)
+    clock_skew_seconds: float = Field(default=0.0, allow_inf_nan=False)
+    storage_free_gib: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     vms: dict[Name, Vm] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -127,7 +125,7 @@ class DiskKind(StrEnum):
 
 class Disk(Strict):
     format: Literal["qcow2", "raw", "vhd", "vhdx"]
-    size_gib: float = Field(gt=0)
+    size_gib: float = Field(gt=0, allow_inf_nan=False)
     kind: DiskKind = DiskKind.VIRTUAL
     encrypted: bool = False
     qcow2_compat: Literal["0.10", "1.1"] | None = Field(default=None, description="1.1 is qcow2 v3")
@@ -164,9 +162,9 @@ class NetworkMapping(Strict):
 
 
 class ReplicationSettings(Strict):
-    port: int = Field(default=7443, ge=1, le=65535)
+    port: StrictInt = Field(default=7443, ge=1, le=65535)
     # Extra space the secondary needs beyond the disks themselves, for retained points.
-    retention_overhead_percent: float = Field(default=25.0, ge=0, le=1000)
+    retention_overhead_percent: float = Field(default=25.0, ge=0, le=1000, allow_inf_nan=False)
 
 
 class ReferenceProblems(ValueError):
