@@ -620,3 +620,75 @@ def test_one_percent_delta_on_1gib_commits_in_tens_of_ms(tmp_path: Path, capsys)
         print(f"\n1% delta of 1 GiB ({n // 100} blocks): commit median {median * 1000:.1f} ms")
     assert median < 0.5
     assert disk.verify(p.id).ok
+
+
+# -- full disk ----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_raises_out_of_space_and_keeps_the_point(tmp_path: Path, small_fs: Path) -> None:
+    from standby.errors import OutOfSpace
+
+    store = ReplicaStore(small_fs / "root")
+    disk = store.create_disk("vm", SIZE)
+    model = Model()
+    rng = random.Random(12)
+    first = run_cycle(disk, model, {i: rng.randbytes(BLOCK_SIZE) for i in range(5)}, "c0")
+    # leave various amounts of free space so ENOSPC strikes while staging or inside the commit
+    filler = small_fs / "filler"
+    outs = 0
+    for free_kib in [20, 70, 140, 200, 260, 330, 400, 520, 700]:
+        filler.unlink(missing_ok=True)
+        st = os.statvfs(small_fs)
+        avail = st.f_bavail * st.f_frsize
+        with open(filler, "wb") as f:
+            f.write(b"\1" * max(0, avail - free_kib * 1024))
+        changes = {i: rng.randbytes(BLOCK_SIZE) for i in rng.sample(range(12), 6)}
+        latest = disk.latest()
+        expect = Model()
+        expect.raw[:] = model.raw
+        expect.apply(changes)
+        try:
+            w = disk.begin_cycle(f"c-{free_kib}", latest.id)
+            stage(w, changes)
+            p = w.commit(expect.digest(), "crash", 1.0, {})
+        except OutOfSpace:
+            outs += 1
+            filler.unlink()
+            if disk._active is not None:  # the receiver process dies: its files close
+                disk._active._close()
+            d2 = ReplicaStore(small_fs / "root").disk("vm")  # and it restarts
+            now_latest = d2.latest()
+            if now_latest.id != latest.id:  # the commit intent was durable: rolled forward
+                assert bytes.fromhex(now_latest.digest) == expect.digest()
+                model = expect
+            assert d2.verify(now_latest.id).ok
+            disk = d2
+        else:
+            model = expect
+            assert p.seq == latest.seq + 1
+            filler.unlink()
+            assert disk.verify(p.id).ok
+        try:
+            disk.prune(RetentionPolicy(0), 2.0)
+        except OutOfSpace:  # pragma: no cover - depends on the filesystem's accounting
+            filler.unlink(missing_ok=True)
+            disk = ReplicaStore(small_fs / "root").disk("vm")  # finishes the merge on open
+        assert len(disk.points()) == 1
+    filler.unlink(missing_ok=True)
+    assert outs >= 3
+    # with space back, the next cycle completes on top of whatever point is latest
+    run_cycle(disk, model, {1: b"q" * BLOCK_SIZE}, "after")
+    assert disk.verify(disk.latest().id).ok
+    assert disk.latest().seq > first.seq

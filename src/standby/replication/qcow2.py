@@ -413,9 +413,7 @@ class Qcow2Writer:
     def pwrite_cluster(self, off: int, data: bytes | memoryview) -> None:
         if len(data) < CLUSTER_SIZE:
             data = bytes(data) + bytes(CLUSTER_SIZE - len(data))
-        n = os.pwrite(self.fd, data, off)
-        if n != CLUSTER_SIZE:  # pragma: no cover - short writes on regular files mean ENOSPC
-            raise OSError(f"short write at {off} in {self.path}")
+        _pwrite_all(self.fd, data, off)  # a short write is retried: ENOSPC surfaces as OSError
 
     def map_data(self, index: int, off: int) -> None:
         with self._lock:

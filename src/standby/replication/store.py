@@ -1352,16 +1352,17 @@ class CycleWriter:
 
     # -- internals ---------------------------------------------------------------------
     def _close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            while self._inflight:
-                self._idle.wait()
-        self.qcow.close()
-        if self._jfd >= 0:
-            os.close(self._jfd)
-            self._jfd = -1
+        with self._ckpt_lock:  # no checkpoint is using the descriptors
+            with self._lock:
+                if self._closed:
+                    return
+                self._closed = True
+                while self._inflight:  # nor any write
+                    self._idle.wait()
+            self.qcow.close()
+            if self._jfd >= 0:
+                os.close(self._jfd)
+                self._jfd = -1
 
     def _discard(self) -> None:
         self._close()
