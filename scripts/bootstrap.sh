@@ -11,6 +11,11 @@ APT_PACKAGES=(
   rsync                                  # the peer the benchmarks measure against
   iproute2 iputils-ping                  # network namespaces as sites in tests
   e2fsprogs                              # small filesystems for full-disk tests
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # libvirtd (started by standby.testing.libvirtd)
+  qemu-system-x86                        # the emulator libvirt drives (software emulation here)
+  python3-libvirt python3-libnbd libnbd-bin                   # bindings (Debian-only; the venv sees them)
+  iptables                               # libvirt networks apply firewall rules
+  cpio gzip                              # the test guest's initramfs (standby.testing.guest)
 )
 
 missing=()
