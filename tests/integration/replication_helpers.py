@@ -149,6 +149,10 @@ class CuttingProxy:
                 pass
 
     def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
         self.listener.close()
         self.cut_all()
         for t in self._threads:

@@ -90,7 +90,7 @@ def ca_issue(directory: Path = typer.Argument(..., help="The CA directory."),
 def _listen(text: str) -> tuple[str, int]:
     from standby.replication.sender import Endpoint
 
-    ep = Endpoint.parse(text)
+    ep = Endpoint.parse(text, allow_any_port=True)
     return ep.host, ep.port
 
 

@@ -200,11 +200,12 @@ class Endpoint:
     port: int
 
     @classmethod
-    def parse(cls, text: str) -> Endpoint:
+    def parse(cls, text: str, allow_any_port: bool = False) -> Endpoint:
         from standby.errors import BadInput
 
         host, sep, port = text.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        low = 0 if allow_any_port else 1
+        if not sep or not host or not port.isdigit() or not low <= int(port) < 65536:
             raise BadInput(f"address {text!r} is not HOST:PORT")
         return cls(host.strip("[]"), int(port))
 
@@ -371,7 +372,12 @@ def send_blocks(chan: Channel, work: queue.Queue[tuple[int, int, bool] | None], 
             run_start, run_len = -1, 0
 
     while True:
-        item = work.get()
+        try:
+            item = work.get(timeout=0.25)
+        except queue.Empty:
+            if cancel is not None and cancel.is_set():
+                break
+            continue
         if item is None:
             break
         if cancel is not None and cancel.is_set():

@@ -204,6 +204,8 @@ def describe_tls_error(exc: BaseException) -> str:
     """One line saying why a handshake failed, without key material."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verification failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "the connection was cut"
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "").replace("_", " ").lower()
         hints = {
