@@ -239,6 +239,7 @@ def _cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Comp
     return res
 
 
+@pytest.mark.slow  # about 10 s: a dozen CLI processes
 def test_cli(tmp_path: Path) -> None:
     env = dict(os.environ, COLUMNS="200", STANDBY_SENDER_STATE=str(tmp_path / "state"))
     _cli("ca", "init", str(tmp_path / "ca"), env=env)
