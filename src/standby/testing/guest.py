@@ -413,12 +413,12 @@ def init_script() -> str:
 # ---------------------------------------------------------------------------------------
 # Building the kernel + initramfs from Debian packages (cached)
 
-BUILD_FORMAT = 1  # bump when the initramfs layout changes
+BUILD_FORMAT = 2  # bump when what a build holds changes
 
 
 @dataclass(frozen=True)
 class GuestImage:
-    kernel: Path
+    kernel: Path  # what to boot: the uncompressed vmlinux when it has a PVH entry, else bzImage
     initrd: Path
     kernel_version: str
     key: str
@@ -609,11 +609,15 @@ def build(cache: Path | None = None, force: bool = False, log: Callable[[str], N
                 modules[name] = kfiles[f"lib/modules/{kver}/{sub}/{name}.ko"]
             stage = Path(tmp, "out")
             stage.mkdir()
-            (stage / "vmlinuz").write_bytes(kfiles[vmlinuz])
+            if _write_pvh_vmlinux(kfiles[vmlinuz], stage / "vmlinux"):
+                boot_kernel = "vmlinux"
+            else:
+                boot_kernel = "vmlinuz"
+                (stage / "vmlinuz").write_bytes(kfiles[vmlinuz])
             (stage / "initrd.gz").write_bytes(_initramfs(bfiles["bin/busybox"], modules))
             (stage / "manifest.json").write_text(json.dumps(
                 {"packages": pkgs, "kernel_version": kver, "key": key, "modules": list(MODULES),
-                 "built_at": time.time()}, indent=1) + "\n")
+                 "boot_kernel": boot_kernel, "built_at": time.time()}, indent=1) + "\n")
             if out.exists():
                 shutil.rmtree(out)
             stage.rename(out)
@@ -624,9 +628,54 @@ def build(cache: Path | None = None, force: bool = False, log: Callable[[str], N
         return GuestImage(img.kernel, img.initrd, img.kernel_version, img.key, True, img.seconds)
 
 
+def _write_pvh_vmlinux(bzimage: bytes, dest: Path) -> bool:
+    """Unpack the ELF vmlinux from an xz bzImage, if it has a PVH entry (Xen note 18).
+
+    QEMU boots such an ELF directly (`-kernel`, PVH), skipping the real-mode setup and
+    the in-guest xz decompression: about 3 s less per boot under software emulation.
+    Written sparse: half of its 66 MB are zero pages."""
+    import lzma
+    import struct
+
+    at = bzimage.find(b"\xfd7zXZ\x00")
+    if at < 0:
+        return False
+    try:
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[at:])
+    except lzma.LZMAError:
+        return False
+    if elf[:5] != b"\x7fELF\x02":
+        return False
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    pvh = False
+    for i in range(phnum):
+        ptype, _flags, off, _va, _pa, filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+        if ptype != 4:  # PT_NOTE
+            continue
+        pos, end = off, off + filesz
+        while pos + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12:pos + 12 + namesz]
+            pvh = pvh or (name == b"Xen\0" and ntype == 18)  # XEN_ELFNOTE_PHYS32_ENTRY
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    if not pvh:
+        return False
+    zero = bytes(1 << 16)
+    with open(dest, "wb") as f:
+        for i in range(0, len(elf), len(zero)):
+            chunk = elf[i:i + len(zero)]
+            if chunk == zero[:len(chunk)]:
+                f.seek(len(chunk), os.SEEK_CUR)
+            else:
+                f.write(chunk)
+        f.truncate(len(elf))
+    return True
+
+
 def _load(out: Path, t0: float) -> GuestImage:
     man = json.loads((out / "manifest.json").read_text())
-    return GuestImage(out / "vmlinuz", out / "initrd.gz", man["kernel_version"], man["key"], False,
+    return GuestImage(out / man.get("boot_kernel", "vmlinuz"), out / "initrd.gz", man["kernel_version"], man["key"], False,
                       time.monotonic() - t0)
 
 
