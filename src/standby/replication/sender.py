@@ -216,7 +216,8 @@ class Endpoint:
 class Channel:
     """One TLS connection to an agent: framed writes (buffered) and reads."""
 
-    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeout: float) -> None:
+    def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeout: float,
+                 session: ssl.SSLSession | None = None) -> None:
         self.endpoint = endpoint
         try:
             raw = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
@@ -224,7 +225,8 @@ class Channel:
             raise RemoteError(f"cannot connect to agent {endpoint}: {exc.strerror or exc}") from None
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock = context.wrap_socket(raw, server_hostname=endpoint.host)
+            # `session`: resume stream 0's TLS session (no second certificate exchange)
+            self.sock = context.wrap_socket(raw, server_hostname=endpoint.host, session=session)
         except (ssl.SSLError, OSError) as exc:
             raw.close()
             raise RemoteError(f"TLS handshake with agent {endpoint} failed: {describe_tls_error(exc)}") from None
@@ -612,18 +614,35 @@ def run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLCo
             staged = set()  # only a seed resumes: a delta's staged blocks may be stale
         del hello_staged
 
-        # Streams 1..n-1 join the cycle.
-        for index in range(1, opts.streams):
-            chan = Channel(endpoint, context, opts.timeout)
-            channels.append(chan)
-            chan.send(Hello(disk_id, size, source.block_size))
-            h = chan.recv(HelloOk)
-            assert isinstance(h, HelloOk)
-            _read_resume(chan, h.resume_frames, n_blocks)
-            chan.send(CycleBegin(cycle_id, latest, index, opts.streams, kind))
-            a = chan.recv(Ack)
-            assert isinstance(a, Ack)
-            _read_resume(chan, a.count, n_blocks)
+        # Streams 1..n-1 join the cycle, connecting in parallel and resuming stream 0's
+        # TLS session.
+        tls_session = chan0.sock.session if chan0.sock.session is not None else None
+        joined: list[Channel | None] = [None] * opts.streams
+        join_errors: list[BaseException] = []
+
+        def join(index: int) -> None:
+            try:
+                chan = Channel(endpoint, context, opts.timeout, tls_session)
+                joined[index] = chan
+                chan.send(Hello(disk_id, size, source.block_size))
+                h = chan.recv(HelloOk)
+                assert isinstance(h, HelloOk)
+                _read_resume(chan, h.resume_frames, n_blocks)
+                chan.send(CycleBegin(cycle_id, latest, index, opts.streams, kind))
+                a = chan.recv(Ack)
+                assert isinstance(a, Ack)
+                _read_resume(chan, a.count, n_blocks)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                join_errors.append(exc)
+
+        joiners = [threading.Thread(target=join, args=(i,), daemon=True) for i in range(1, opts.streams)]
+        for t in joiners:
+            t.start()
+        for t in joiners:
+            t.join()
+        channels.extend(c for c in joined[1:] if c is not None)
+        if join_errors:
+            raise _first_meaningful(join_errors)
 
         table = baseline.copy()
         stats = [StreamStats() for _ in channels]
@@ -742,3 +761,58 @@ def _first_meaningful(errors: list[BaseException]) -> BaseException:
     if isinstance(exc, OSError):
         return RemoteError(f"replication stream failed: {exc.strerror or exc}")
     return exc
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+class _NullChannel:
+    """A Channel that discards what it is given (the hot loop measured without TLS)."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.bytes_sent = 0
+
+    def queue(self, frame: bytes) -> None:
+        self.out += frame
+
+    def flush(self, limiter: RateLimiter | None = None) -> None:
+        self.bytes_sent += len(self.out)
+        self.out.clear()
+
+
+def bench_hot_loop(source: ChangeSource, threads: int = 2, compress: bool = True,
+                   chunk_blocks: int = DEFAULT_CHUNK_BLOCKS) -> dict[str, float]:
+    """Run the read-zero-hash-compress-frame loop over `source` against an empty replica
+    with `threads` workers and no network; return the figures (bytes/s of the disk)."""
+    baseline = HashTable(source.size, block_size=source.block_size)
+    table = baseline.copy()
+    work: queue.Queue[tuple[int, int, bool] | None] = queue.Queue(maxsize=2 * threads)
+    stats = [StreamStats() for _ in range(threads)]
+    chans = [_NullChannel() for _ in range(threads)]
+
+    def worker(i: int) -> None:
+        reader = source.open_reader()
+        try:
+            send_blocks(chans[i], work, reader, source.size, baseline, table, frozenset(), stats[i],  # type: ignore[arg-type]
+                        compress=compress, block_size=source.block_size)
+        finally:
+            reader.close()
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    bs = source.block_size
+    for ext in source.extents():
+        first, last = ext.offset // bs, (ext.end + bs - 1) // bs
+        for i in range(first, last, chunk_blocks):
+            work.put((i, min(chunk_blocks, last - i), ext.hole))
+    for _ in ts:
+        work.put(None)
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return {"seconds": elapsed, "disk_bytes_per_s": source.size / elapsed,
+            "bytes_read": sum(s.bytes_read for s in stats), "data_blocks": sum(s.data_blocks for s in stats),
+            "frame_bytes": sum(c.bytes_sent for c in chans)}
