@@ -682,11 +682,63 @@ def _load(out: Path, t0: float) -> GuestImage:
 # ---------------------------------------------------------------------------------------
 # Booting it under libvirt
 
-def kvm_wanted() -> bool:
-    """KVM only when asked (STANDBY_GUEST_KVM=1) and /dev/kvm exists: on these machines
-    /dev/kvm runs firmware but a Linux kernel hangs under it (PLATFORM.md), so software
-    emulation is the default."""
-    return os.environ.get("STANDBY_GUEST_KVM") == "1" and os.path.exists("/dev/kvm")
+def kvm_wanted(image: GuestImage | None = None) -> bool:
+    """Whether to run the guest under KVM. On these machines /dev/kvm exists but a Linux
+    kernel hangs under it (PLATFORM.md), so software emulation is the default.
+    STANDBY_GUEST_KVM=1 forces KVM (when /dev/kvm exists); STANDBY_GUEST_KVM=auto boots
+    the guest once under KVM (`probe_kvm`, remembered until the host reboots) and uses
+    KVM only if it reached /init."""
+    want = os.environ.get("STANDBY_GUEST_KVM", "0")
+    if want == "0" or not os.path.exists("/dev/kvm"):
+        return False
+    if want == "auto":
+        return probe_kvm(image or build())
+    return True
+
+
+def probe_kvm(image: GuestImage, timeout: float = 10.0) -> bool:
+    """Does the guest reach /init under KVM here? (QEMU directly, no libvirt; a kernel
+    boots in about a second under working KVM.) Remembered per host boot."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    memo = cache_root() / ".kvm-probe.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["boot_id"] == boot_id and saved["key"] == image.key:
+            return bool(saved["boots"])
+    except (OSError, ValueError, KeyError):
+        pass
+    boots = False
+    with tempfile.TemporaryDirectory(prefix="standby-kvm-probe-") as tmp:
+        disk, log = Path(tmp, "d.raw"), Path(tmp, "console.log")
+        with open(disk, "wb") as f:
+            f.truncate(1 << 20)
+        proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-accel", "kvm", "-m", "128", "-nodefaults", "-no-user-config", "-display", "none",
+             "-no-reboot", "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+             "-append", cmdline("verify"), "-serial", f"file:{log}",
+             "-drive", f"file={disk},format=raw,if=virtio"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and proc.poll() is None:
+                if Console(log).verdict() is not None:
+                    boots = True
+                    break
+                time.sleep(0.1)
+            boots = boots or Console(log).verdict() is not None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"boot_id": boot_id, "key": image.key, "boots": boots}) + "\n")
+    except OSError:
+        pass
+    return boots
 
 
 def cmdline(mode: str, rate: int = 10, count: int = 0, area_mib: int = 0) -> str:
@@ -706,7 +758,7 @@ def domain_xml(name: str, disk: str | os.PathLike[str], console_log: str | os.Pa
     """A domain for the test guest: direct kernel boot, one virtio disk (vda), serial
     console to a file, no video, no balloon, no USB; stops (never reboots) on power-off
     or panic."""
-    kvm = kvm_wanted() if kvm is None else kvm
+    kvm = kvm_wanted(image) if kvm is None else kvm
     fmt = disk_format or image_format(disk)
     return f"""<domain type='{"kvm" if kvm else "qemu"}'>
   <name>{escape(name)}</name>
