@@ -301,3 +301,23 @@ def test_cli(tmp_path: Path) -> None:
     _cli("seed", "export", str(img), str(tmp_path / "seed"), "--disk-id", "web2-d0", env=env)
     out = _cli("seed", "import", str(tmp_path / "seed"), "--store", str(tmp_path / "store2"), "--json", env=env)
     assert json.loads(out.stdout)["digest"] == _digest(img)
+
+
+def test_resumed_seed_of_a_changed_image_starts_over(tmp_path: Path, pki: dict[str, tls.Identity]) -> None:
+    img = tmp_path / "src.img"
+    img.write_bytes(os.urandom(16 * MiB))
+    ctx = tls.client_context(pki["sender"])
+    with running_agent(tmp_path / "store", pki["agent"], checkpoint_interval=0.05) as rx:
+        proxy = CuttingProxy(("127.0.0.1", rx.address[1]), budget=10 * MiB)
+        try:
+            with pytest.raises(RemoteError):
+                run_cycle(FullSource(img), f"127.0.0.1:{proxy.address[1]}", ctx, "s", SenderOptions(streams=1))
+        finally:
+            proxy.close()
+        with open(img, "r+b") as f:  # the staged first blocks are now stale
+            f.write(os.urandom(4 * BLOCK_SIZE))
+        r = run_cycle(FullSource(img), endpoint(rx), ctx, "s", SenderOptions(streams=2))
+        assert rx.stats["failed_cycles"] == 2  # the cut, then the stale resume refused by its digest
+    assert not r.resumed  # the agent refused the stale resume by digest; the seed ran again whole
+    assert r.digest == _digest(img)
+    assert ReplicaStore(tmp_path / "store").disk("s").verify(r.point_id).ok

@@ -39,8 +39,11 @@ Frame types and payloads
                      u64 replica_size (0: no replica yet), str16 resume_cycle,
                      str16 resume_base, u64 resume_blocks, u32 resume_frames
                      The replica's latest point and, when a cycle was left unfinished,
-                     its id, base point and how many blocks are already staged;
+                     its id and base point (a sender resumes a seed under that id);
                      `resume_frames` RESUME frames follow with the staged block bitmap.
+                     Version 1 agents send resume_blocks = resume_frames = 0 here and
+                     the authoritative staged set with ACK BEGUN, once the store has
+                     re-verified the staged blocks on CYCLE_BEGIN.
     3  RESUME        u64 first_block, u32 nbits, ceil(nbits/8) bytes of bitmap
                      bit i (LSB first in each byte) set = block first_block+i staged.
     4  HASH_REQUEST  u64 first_block, u32 count (1..65536)

@@ -549,7 +549,23 @@ def probe(endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str, size:
 def run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str,
               options: SenderOptions | None = None,
               progress: Callable[[int], None] | None = None) -> CycleResult:
-    """Replicate one cycle of `source` to the agent at `endpoint` as disk `disk_id`."""
+    """Replicate one cycle of `source` to the agent at `endpoint` as disk `disk_id`.
+
+    A resumed seed whose staged blocks no longer match the source (the image changed
+    between the attempts) fails the agent's digest check; the agent then discards the
+    staging and the seed is run once more from the start."""
+    resumed = [False]
+    try:
+        return _run_cycle(source, endpoint, context, disk_id, options, progress, resumed, fresh=False)
+    except IntegrityError:
+        if not resumed[0]:
+            raise
+        return _run_cycle(source, endpoint, context, disk_id, options, progress, resumed, fresh=True)
+
+
+def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str,
+               options: SenderOptions | None, progress: Callable[[int], None] | None, resumed: list[bool],
+               fresh: bool) -> CycleResult:
     opts = options or SenderOptions()
     check_id(disk_id, "disk id")
     if isinstance(endpoint, str):
@@ -593,7 +609,7 @@ def run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLCo
 
         # Cycle id: resume an unfinished seed, else a fresh one.
         cycle_id = None
-        if kind is CycleKind.SEED:
+        if kind is CycleKind.SEED and not fresh:
             if hello.resume_cycle and hello.resume_base is None:
                 cycle_id = hello.resume_cycle
             elif state.pending_seed:
@@ -612,6 +628,7 @@ def run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLCo
         staged = _read_resume(chan0, ack.count, n_blocks)
         if kind is not CycleKind.SEED:
             staged = set()  # only a seed resumes: a delta's staged blocks may be stale
+        resumed[0] = bool(staged)
         del hello_staged
 
         # Streams 1..n-1 join the cycle, connecting in parallel and resuming stream 0's
