@@ -295,6 +295,66 @@ def points_verify(store: Path = typer.Option(..., "--store", help="Replica store
         raise IntegrityError(f"disk {disk_id}: point(s) {', '.join(bad)} do not match their digest")
 
 
+@points_app.command("materialize")
+def points_materialize(dest: Path = typer.Argument(..., help="Overlay file to create (qcow2)."),
+                       store: Path = typer.Option(..., "--store", help="Replica store directory."),
+                       disk_id: str = typer.Option(..., "--disk-id", help="The disk."),
+                       point: str = typer.Option(None, "--point", help="The point (default: the latest)."),
+                       as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Make a writable copy-on-write overlay of a point (for failover); the point is pinned until released."""
+    from standby.replication.store import ReplicaStore
+
+    disk = ReplicaStore(store).disk(disk_id)
+    if point is None:
+        latest = disk.latest()
+        if latest is None:
+            raise BadInput(f"disk {disk_id} has no recovery point to materialize")
+        point = latest.id
+    path = disk.materialize(point, dest)
+    if as_json:
+        print(json.dumps({"point": point, "overlay": str(path)}))
+    else:
+        console.print(f"point {point} of {escape(disk_id)} materialized at {escape(str(path))} (pinned)")
+
+
+@points_app.command("release")
+def points_release(dest: Path = typer.Argument(..., help="An overlay made by `points materialize`."),
+                   store: Path = typer.Option(..., "--store", help="Replica store directory."),
+                   disk_id: str = typer.Option(..., "--disk-id", help="The disk.")) -> None:
+    """Unpin the point under an overlay (the overlay file is left to you to delete)."""
+    from standby.replication.store import ReplicaStore
+
+    ReplicaStore(store).disk(disk_id).release(dest)
+    console.print(f"released {escape(str(dest))}")
+
+
+@points_app.command("prune")
+def points_prune(store: Path = typer.Option(..., "--store", help="Replica store directory."),
+                 disk_id: str = typer.Option(..., "--disk-id", help="The disk."),
+                 retention_hours: float = typer.Option(0.0, "--retention-hours",
+                                                       help="Keep one point per hour for this long (0: latest only)."),
+                 app_consistent_hours: float = typer.Option(None, "--app-consistent-hours",
+                                                            help="Keep app-consistent points this long."),
+                 keep_all_minutes: float = typer.Option(0.0, "--keep-all-minutes",
+                                                        help="Keep every point this recent."),
+                 as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Remove the points a retention policy does not keep (the latest and pinned points always stay)."""
+    import time
+
+    from standby.domain.retention import RetentionPolicy
+    from standby.replication.store import ReplicaStore
+
+    try:
+        policy = RetentionPolicy(retention_hours, app_consistent_hours, keep_all_minutes)
+    except ValueError as exc:
+        raise BadInput(f"retention policy: {exc}") from None
+    removed = ReplicaStore(store).disk(disk_id).prune(policy, time.time())
+    if as_json:
+        print(json.dumps({"removed": removed}))
+    else:
+        console.print(f"removed {len(removed)} point(s){': ' + ', '.join(removed) if removed else ''}")
+
+
 # ---------------------------------------------------------------------------- seeds
 
 
