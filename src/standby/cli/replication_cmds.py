@@ -253,7 +253,7 @@ def points_list(store: Path = typer.Option(..., "--store", help="Replica store d
         t.add_column(col, no_wrap=True)
     for p in pts:
         t.add_row(p.id, _fmt_time(p.created_at), p.consistency, _human(p.bytes_changed), str(p.blocks_changed),
-                  p.digest)
+                  p.digest[:12])  # the full digest is in --json
     console.print(t)
     console.print(f"{len(pts)} point(s)")
 
