@@ -106,6 +106,34 @@ def test_records_across_read_chunks_and_area_limit(tmp_path: Path) -> None:
     assert verify_raw(img, area_mib=6) == Verdict(1099, 1100, 0, 0, 0)  # slot 1900 is at 7.4 MiB
 
 
+def test_printable_runs_match_strings_across_chunks_and_holes(tmp_path: Path) -> None:
+    import random
+
+    rnd = random.Random(4)
+    img = tmp_path / "runs.raw"
+    size = 3 << 20
+    with open(img, "wb") as f:
+        f.truncate(size)  # mostly holes
+        for _ in range(200):
+            f.seek(rnd.randrange(size - 9000))
+            kind = rnd.random()
+            if kind < 0.4:
+                f.write(bytes(rnd.choice(b"abc\t ~XYZ019") for _ in range(rnd.randrange(1, 9000))))
+            elif kind < 0.7:
+                f.write(rnd.randbytes(rnd.randrange(1, 9000)))
+            else:
+                f.write(make_record(rnd.randrange(1000), "0123456789abcdef", guest.ZERO_SUM))
+    data = img.read_bytes()
+    want = [(m.start(), m.group()) for m in guest._RUN.finditer(data)]
+    assert len(want) > 100
+    for chunk in (4096, 5000, 65536, 4 << 20):
+        with open(img, "rb") as f:
+            assert list(guest._runs(f, size, chunk)) == want, chunk
+    with open(img, "rb") as f:
+        assert list(guest._runs(f, 1 << 20)) == [(o, r[:(1 << 20) - o]) for o, r in want
+                                                 if o < 1 << 20 and len(r[:(1 << 20) - o]) >= guest.MIN_RUN]
+
+
 def test_qcow2_image_is_verified_through_qemu_img(tmp_path: Path) -> None:
     raw, qcow = tmp_path / "d.raw", tmp_path / "d.qcow2"
     _image(raw, 64)
@@ -154,6 +182,49 @@ def test_build_is_cached(guest_image: guest.GuestImage) -> None:
     assert time.monotonic() - t0 < 2.0
 
 
+def _initramfs_file(initrd: Path, name: str) -> bytes:
+    import gzip
+
+    data, pos = gzip.decompress(initrd.read_bytes()), 0
+    while True:
+        fields = [int(data[pos + 6 + 8 * i:pos + 14 + 8 * i], 16) for i in range(13)]
+        size, namesize = fields[6], fields[11]
+        start = pos + 110
+        entry = data[start:start + namesize - 1].decode()
+        body = (start + namesize + 3) // 4 * 4
+        if entry == name:
+            return data[body:body + size]
+        if entry == "TRAILER!!!":
+            raise KeyError(name)
+        pos = (body + size + 3) // 4 * 4
+
+
+@slow
+def test_host_scan_reports_what_busybox_strings_reports(guest_image: guest.GuestImage, tmp_path: Path) -> None:
+    """The host verifier emulates the guest's `strings -t d -n 13`: check it against the
+    guest's own busybox, run on the host, on data full of edge cases."""
+    import random
+
+    bb = tmp_path / "busybox"
+    bb.write_bytes(_initramfs_file(guest_image.initrd, "bin/busybox"))
+    bb.chmod(0o755)
+    rnd = random.Random(7)
+    img = tmp_path / "d.raw"
+    recs = _image(img, 40)
+    with open(img, "r+b") as f:
+        for _ in range(120):
+            f.seek(rnd.randrange((2 << 20) - 9000))
+            f.write(bytes(rnd.choice(b"\t\n\x0b\x1f\x7f\x80\xff ~aZ9") for _ in range(rnd.randrange(1, 4000))))
+        f.seek(100 * SLOT)
+        f.write(recs[3])
+    out = subprocess.run([str(bb), "strings", "-t", "d", "-n", "13", str(img)], capture_output=True, check=True).stdout
+    theirs = [(int(off), run.encode("latin-1")) for off, run in
+              (line.lstrip(b" ").decode("latin-1").split(" ", 1) for line in out.split(b"\n") if line)]
+    with open(img, "rb") as f:
+        ours = list(guest._runs(f, 2 << 20))
+    assert len(ours) > 50 and ours == theirs
+
+
 @slow
 def test_pulled_plug_leaves_a_consistent_prefix_covering_what_was_acked(
         libvirt_conn: Any, guest_image: guest.GuestImage, vm_name: Any, vm_dir: Path) -> None:
@@ -192,11 +263,13 @@ def test_in_guest_and_host_verifiers_agree_on_a_damaged_disk(
 def test_write_mode_appends_after_the_valid_prefix(
         libvirt_conn: Any, guest_image: guest.GuestImage, vm_name: Any, vm_dir: Path) -> None:
     disk = vm_dir / "disk.raw"
-    _image(disk, 30, size_mib=16)
+    # a prefix past the first MiB (the guest reads it a MiB at a time) on a disk far
+    # bigger than that: write mode reads only as far as the prefix goes
+    _image(disk, 260, size_mib=1024)
     with guest.GuestVM(libvirt_conn, vm_name("append"), disk, vm_dir / "append.log", guest_image,
                        guest.cmdline("write", rate=0, count=5)) as vm:
         vm.console.wait_for(lambda c: "standby-guest: done" in c.text(), 90, alive=vm.running)
         vm.wait_stopped(30)  # count=N: it powers off by itself
-        assert "standby-guest: write start=30 " in vm.console.text()
-        assert vm.console.acked() == 34
-    assert verify_raw(disk) == Verdict(34, 35, 0, 0, 0)
+        assert "standby-guest: write start=260 " in vm.console.text()
+        assert vm.console.acked() == 264
+    assert verify_raw(disk) == Verdict(264, 265, 0, 0, 0)

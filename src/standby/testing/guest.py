@@ -41,6 +41,7 @@ that is in order (-1 if none). ok=1 when torn, gaps and out_of_order are all 0.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -73,7 +74,7 @@ ZERO_SUM = "0" * 64
 MIN_RUN = 13  # strings -n 13
 
 _RUN = re.compile(rb"[\t\x20-\x7e]{%d,}" % MIN_RUN)
-_TAIL_RUN = re.compile(rb"[\t\x20-\x7e]*\Z")
+_PRINTABLE = bytes([9, *range(0x20, 0x7f)])
 _HEX = re.compile(r"[0-9a-f]+")
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -137,29 +138,37 @@ class Verdict:
         return found
 
 
-def _runs(f: BinaryIO, limit: int | None, chunk: int = 4 << 20) -> Iterator[tuple[int, bytes]]:
-    """(offset, run) for each printable run of MIN_RUN+ bytes, as `strings -t d -n 13`."""
-    base = 0  # offset of buf[0]
-    buf = b""
-    remaining = limit
-    while True:
-        n = chunk if remaining is None else min(chunk, remaining)
-        data = f.read(n) if n > 0 else b""
-        if remaining is not None:
-            remaining -= len(data)
-        eof = not data
-        buf += data
-        if not eof and not buf.strip(b"\0"):  # a zero chunk: nothing to report, nothing to carry
-            base += len(buf)
-            buf = b""
+def _runs(f: BinaryIO, limit: int, chunk: int = 4 << 20) -> Iterator[tuple[int, bytes]]:
+    """(offset, run) for each printable run of MIN_RUN+ bytes in the first `limit` bytes,
+    as `strings -t d -n 13` reports them. Holes of sparse files are skipped (SEEK_DATA):
+    they read as zeros, which end any run."""
+    fd = f.fileno()
+    pos = 0
+    carry, carry_off = b"", 0  # a printable run still open at the end of what was read
+    while pos < limit:
+        try:
+            data_at = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            data_at = limit if e.errno == errno.ENXIO else pos  # ENXIO: only a hole is left
+        if data_at > pos:
+            if len(carry) >= MIN_RUN:
+                yield carry_off, carry
+            carry, pos = b"", min(data_at, limit)
             continue
-        cut = len(buf) if eof else _TAIL_RUN.search(buf).start()  # type: ignore[union-attr]
-        for m in _RUN.finditer(buf, 0, cut):
-            yield base + m.start(), m.group()
-        if eof:
-            return
-        base += cut
-        buf = buf[cut:]
+        data = os.pread(fd, min(chunk, limit - pos), pos)
+        if not data:
+            break
+        if not carry and data.count(0) == len(data):
+            pos += len(data)
+            continue
+        buf, base = carry + data, pos - len(carry)
+        cut = len(buf.rstrip(_PRINTABLE))  # where the trailing printable run starts
+        for r in _RUN.finditer(buf, 0, cut):
+            yield base + r.start(), r.group()
+        carry, carry_off = buf[cut:], base + cut
+        pos += len(data)
+    if len(carry) >= MIN_RUN:
+        yield carry_off, carry
 
 
 def _header_fields(run: bytes) -> tuple[int, str] | None:
@@ -338,15 +347,9 @@ slot_done() {
   gaps=$((cur + 1 - marked))
 }
 
-scan() {  # sets last lastsum records torn gaps ooo
-  last=-1 lastsum=$Z records=0 torn=0 gaps=0 ooo=0 marked=0 vslot=-1 vsum=$Z cur=-1 hdr= tsum=
-  if [ "$area" -gt 0 ]; then
-    dd if=/dev/vda bs=1048576 count=$area 2>/dev/null | strings -t d -n 13
-  else
-    strings -t d -n 13 /dev/vda
-  fi | grep -e ' SBYREC01 seq=' -e ' sum=' > /tmp/marks
+marks() {  # the slots marked in /tmp/marks (strings offsets + $1) through slot_done
   while read -r off str; do
-    s=$((off / 4096)); r=$((off % 4096))
+    off=$((off + $1)); s=$((off / 4096)); r=$((off % 4096))
     [ $s -ge $slots ] && continue
     case "$r:$str" in
       "0:SBYREC01 seq="*) kind=h ;;
@@ -360,7 +363,30 @@ scan() {  # sets last lastsum records torn gaps ooo
     if [ $kind = h ]; then hdr=$str; else tsum=${str#sum=}; fi
   done < /tmp/marks
   [ $cur -ge 0 ] && slot_done
+  cur=-1
+}
+
+scan() {  # the whole disk (or area): sets last lastsum records torn gaps ooo ok
+  last=-1 lastsum=$Z records=0 torn=0 gaps=0 ooo=0 marked=0 vslot=-1 vsum=$Z cur=-1 hdr= tsum=
+  if [ "$area" -gt 0 ]; then
+    dd if=/dev/vda bs=1048576 count=$area 2>/dev/null | strings -t d -n 13
+  else
+    strings -t d -n 13 /dev/vda
+  fi | grep -e ' SBYREC01 seq=' -e ' sum=' > /tmp/marks
+  marks 0
   ok=0; [ $torn -eq 0 ] && [ $gaps -eq 0 ] && [ $ooo -eq 0 ] && ok=1
+}
+
+scan_prefix() {  # only as far as the valid prefix goes, 1 MiB at a time: sets last lastsum
+  last=-1 lastsum=$Z records=0 torn=0 gaps=0 ooo=0 marked=0 vslot=-1 vsum=$Z cur=-1 hdr= tsum=
+  k=0
+  while [ $((k * 256)) -lt $slots ]; do
+    dd if=/dev/vda bs=1048576 skip=$k count=1 2>/dev/null | strings -t d -n 13 \
+      | grep -e ' SBYREC01 seq=' -e ' sum=' > /tmp/marks
+    marks $((k * 1048576))
+    k=$((k + 1))
+    [ $last -lt $((k * 256 - 1)) ] && break
+  done
 }
 
 verdict() { echo "standby-guest: verify last=$last records=$records torn=$torn gaps=$gaps out_of_order=$ooo ok=$ok"; }
@@ -374,8 +400,7 @@ verify)
   verdict
   sync; poweroff -f ;;
 write)
-  scan
-  [ $records -gt 0 ] && verdict
+  scan_prefix
   boot=$(hexdump -n 8 -e '8/1 "%02x"' /dev/urandom)
   seq=$((last + 1)); prev=$lastsum; n=0; direct=oflag=direct
   say "write start=$seq slots=$slots rate=$rate count=$count boot=$boot"
