@@ -238,7 +238,7 @@ def test_pulled_plug_leaves_a_consistent_prefix_covering_what_was_acked(
     host = verify_image(disk)
     assert host.ok, host
     assert host.last >= acked, (host, acked)
-    assert host.last <= acked + 5  # it wrote at 20 records/s; the kill came right after the ack
+    assert host.last <= acked + 40  # 20 records/s: the console (through virtlogd) lags the disk a little
     in_guest = guest.boot_verify(libvirt_conn, vm_name("verify"), disk, vm_dir / "verify.log", guest_image)
     assert in_guest == host
 
