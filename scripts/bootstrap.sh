@@ -15,7 +15,7 @@ APT_PACKAGES=(
   qemu-system-x86                        # the emulator libvirt drives (software emulation here)
   python3-libvirt python3-libnbd libnbd-bin                   # bindings (Debian-only; the venv sees them)
   iptables                               # libvirt networks apply firewall rules
-  cpio gzip                              # the test guest's initramfs (standby.testing.guest)
+  cpio gzip                              # the test guest's initramfs (written by standby.testing.guest; cpio to inspect it)
 )
 
 missing=()
