@@ -14,6 +14,7 @@ from rich.markup import escape
 from standby import __version__
 from standby.cli import demo_cmds, readiness_cmds
 from standby.cli import replication_cmds
+from standby.cli import discover_cmds
 from standby.errors import StandbyError
 
 app = typer.Typer(
@@ -46,6 +47,7 @@ def main(
 readiness_cmds.register(app)
 demo_cmds.register(app)
 replication_cmds.register(app)
+discover_cmds.register(app)
 
 
 def run(argv: list[str] | None = None) -> int:
