@@ -245,6 +245,8 @@ def parse_volume_xml(xml: str) -> ImageFacts:
     compat = (root.findtext("target/compat") or "").strip() or None
     fmt = fmt_el.get("type", "raw") if fmt_el is not None else "raw"
     encrypted = root.find("target/encryption") is not None
+    if fmt == "qcow2" and compat is None:
+        compat = "0.10"  # libvirt writes <compat> for qcow2 v3 only
     return ImageFacts(format=fmt, virtual_size=size, compat=compat if fmt == "qcow2" else None, encrypted=encrypted)
 
 
@@ -328,7 +330,7 @@ def disk_to_fabric(disk: DomainDisk, image: ImageFacts | None, warnings: list[st
     if disk.path is None:
         warnings.append(f"{where}: no source, skipped")
         return None
-    raw_format = (image.format if image is not None else None) or disk.format or "raw"
+    raw_format = disk.format or (image.format if image is not None else None) or "raw"
     fmt = _FORMATS.get(raw_format)
     if fmt is None:
         warnings.append(f"{where}: format {raw_format!r} cannot be protected (convert it to qcow2); skipped")
@@ -366,12 +368,13 @@ def is_local(conn: Any) -> bool:
     return host in (None, "", "localhost", "127.0.0.1", "::1")
 
 
-def qemu_img_info(path: str, timeout: float = 30.0) -> ImageFacts | None:
-    """`qemu-img info` of a local image (None when it cannot be read here). -U: the image
-    may be in use by a running VM."""
+def qemu_img_info(path: str, fmt: str | None = None, timeout: float = 30.0) -> ImageFacts | None:
+    """`qemu-img info` of a local image (None when it cannot be read here), in the format
+    the domain uses when known (never probed: a raw image may look like anything). -U: the
+    image may be in use by a running VM."""
+    args = ["qemu-img", "info", "--output=json", "-U", *(["-f", fmt] if fmt else []), path]
     try:
-        r = subprocess.run(["qemu-img", "info", "--output=json", "-U", path], capture_output=True, text=True,
-                           timeout=timeout)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if r.returncode != 0:
@@ -393,7 +396,7 @@ def _image_facts(conn: Any, dom: Any, disk: DomainDisk, local: bool) -> ImageFac
     storage volume, then libvirt's block info (size only)."""
     libvirt = _libvirt()
     if local and disk.source_type in ("file", "block") and disk.path:
-        facts = qemu_img_info(disk.path)
+        facts = qemu_img_info(disk.path, disk.format)
         if facts is not None:
             return facts
     if disk.path and disk.source_type in ("file", "block"):
