@@ -16,9 +16,16 @@ protocol's order (`protocol.ReceiverSequence`). The streams of one cycle share o
   digest does not match; the replica stays at its previous point).
 
 Any fault on any stream (a malformed frame, a bad checksum, a lost connection, a full
-disk) fails the session: the other streams get an ERROR at their next frame, the staged
-blocks are checkpointed (durable, so a seed resumes from them) and nothing committed
-changes. The receiver holds per connection at most one frame (<= 1 MiB + 16 bytes) and
+disk) fails the session: the other streams get an ERROR at their next frame (with the
+fault's code: a full disk is OUT_OF_SPACE on every stream), the staged blocks are
+checkpointed when the last stream leaves (durable, so a seed resumes from them) and
+nothing committed changes.
+
+After sending an ERROR the receiver does not close at once: closing a TCP socket with
+unread data sends a reset, and a sender whose TLS write fails on that reset can no longer
+read the ERROR (it would report a lost connection instead of the cause). It half-closes
+(FIN after the ERROR) and reads and discards what the sender still sends until the
+sender closes, or for at most `error_linger` seconds. The receiver holds per connection at most one frame (<= 1 MiB + 16 bytes) and
 its decompressed block.
 
 Logs: one line per committed or failed cycle, one per refused connection.
@@ -60,6 +67,7 @@ from standby.replication.protocol import (
     ReceiverSequence,
     StreamEnd,
     ZeroRun,
+    error_code_for,
     read_frame,
     resume_frames,
     valid_id,
@@ -71,9 +79,29 @@ log = logging.getLogger("standby.agent")
 
 
 class SessionFailed(StandbyError):
-    """Another stream of the same cycle failed."""
+    """Another stream of the same cycle failed. `code` is the wire code of that stream's
+    fault, so every stream tells the sender the same cause (a full disk stays OUT_OF_SPACE
+    whichever stream the sender reads first)."""
 
     exit_code = 5
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.REMOTE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _wire_code(exc: BaseException | None) -> ErrorCode:
+    """The wire code of the fault that failed a stream; a lost connection is REMOTE."""
+    if exc is None:
+        return ErrorCode.REMOTE
+    if isinstance(exc, SessionFailed):
+        return exc.code
+    if isinstance(exc, zstandard.ZstdError):
+        return ErrorCode.PROTOCOL
+    if isinstance(exc, ConnectionClosed):
+        return ErrorCode.REMOTE
+    code = error_code_for(exc)
+    return ErrorCode.REMOTE if code is ErrorCode.INTERNAL else code
 
 
 @dataclass
@@ -89,6 +117,7 @@ class Session:
     members: dict[int, socket.socket] = field(default_factory=dict)
     ended: dict[int, tuple[int, int]] = field(default_factory=dict)
     failed: str | None = None
+    failed_code: ErrorCode = ErrorCode.REMOTE
     finished: bool = False
     bytes_applied: int = 0
     wire_bytes: int = 0
@@ -101,13 +130,15 @@ class Receiver:
 
     def __init__(self, store: ReplicaStore, context: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0,
                  *, handshake_timeout: float = 10.0, io_timeout: float = 120.0,
-                 checkpoint_interval: float = 5.0, join_timeout: float = 10.0) -> None:
+                 checkpoint_interval: float = 5.0, join_timeout: float = 10.0,
+                 error_linger: float = 10.0) -> None:
         self.store = store
         self.context = context
         self.handshake_timeout = handshake_timeout
         self.io_timeout = io_timeout
         self.checkpoint_interval = checkpoint_interval
         self.join_timeout = join_timeout
+        self.error_linger = error_linger
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=64)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._sessions: dict[str, Session | None] = {}
@@ -236,7 +267,7 @@ class Receiver:
                     raise Conflict(f"disk {disk_id}: no cycle {begin.cycle_id} to join (stream 0 opens it)")
                 self._lock.wait(min(left, 0.5))
             if s.failed:
-                raise SessionFailed(f"cycle {s.cycle_id} already failed: {s.failed}")
+                raise SessionFailed(f"cycle {s.cycle_id} already failed: {s.failed}", s.failed_code)
             if s.stream_count != begin.stream_count or s.base_point != begin.base_point:
                 raise ProtocolError(f"stream {begin.stream_index} joins cycle {s.cycle_id} with "
                                     f"{begin.stream_count} streams on {begin.base_point}, the cycle has "
@@ -246,16 +277,17 @@ class Receiver:
             s.members[begin.stream_index] = sock
             return s
 
-    def leave_session(self, session: Session, index: int, error: str | None) -> None:
+    def leave_session(self, session: Session, index: int, error: str | None,
+                      code: ErrorCode = ErrorCode.REMOTE) -> None:
         with self._lock:
             session.members.pop(index, None)
             if error is not None and session.failed is None and not session.finished:
                 session.failed = error
-                for other in session.members.values():  # wake the other streams: the cycle is over
-                    try:
-                        other.shutdown(socket.SHUT_RD)
-                    except OSError:
-                        pass
+                session.failed_code = code
+                # The other streams learn it at their next frame (ERROR, then linger), or
+                # see their sender close. They are not woken by shutting their sockets:
+                # that would reset connections the sender is still writing to and lose
+                # the ERROR that tells it why the cycle failed.
                 self.stats["failed_cycles"] += 1
                 latest = session.disk.latest()
                 log.warning("disk %s cycle %s failed: %s (replica stays at point %s; staged blocks kept)",
@@ -311,12 +343,14 @@ class _Connection:
         self.data_blocks = 0
         self.zero_blocks = 0
         self.dctx = zstandard.ZstdDecompressor()
+        self.error_sent = False
 
     def send(self, msg: Message) -> None:
         self.sock.sendall(msg.encode())
 
     def run(self) -> None:
         error: str | None = None
+        code = ErrorCode.REMOTE
         try:
             while True:
                 try:
@@ -324,7 +358,8 @@ class _Connection:
                 except ConnectionClosed:
                     s = self.session
                     if s is not None and s.failed is not None:
-                        self._send_error(SessionFailed(f"cycle {s.cycle_id} failed on another stream: {s.failed}"))
+                        self._send_error(SessionFailed(f"cycle {s.cycle_id} failed on another stream: {s.failed}",
+                                                       s.failed_code))
                     elif s is not None:
                         error = f"stream {self.stream_index} from {self.peer} closed before the cycle ended"
                     return
@@ -335,6 +370,7 @@ class _Connection:
                 self.dispatch(msg)
         except (StandbyError, OSError, ssl.SSLError, zstandard.ZstdError) as exc:
             error = self._describe(exc)
+            code = _wire_code(exc)
             if isinstance(exc, ProtocolError):
                 self.server.stats["protocol_errors"] += 1
                 log.warning("connection from %s (%s): %s", self.peer, self.name, exc.message)
@@ -342,12 +378,33 @@ class _Connection:
                 self._send_error(exc)
         finally:
             if self.session is not None:
-                self.server.leave_session(self.session, self.stream_index, error)
+                self.server.leave_session(self.session, self.stream_index, error, code)
                 self.session = None
             try:
                 self.rfile.close()
             except OSError:
                 pass
+            if self.error_sent:
+                self._linger()
+
+    def _linger(self) -> None:
+        """After an ERROR: half-close, then discard what the sender still sends until it
+        closes (or `error_linger` seconds pass), so the ERROR reaches it (see the module doc)."""
+        deadline = time.monotonic() + self.server.error_linger
+        try:
+            self.sock.shutdown(socket.SHUT_WR)  # also drops the TLS layer: raw reads below
+            while not self.server._stopping.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.sock.settimeout(min(left, 0.5))
+                try:
+                    if not self.sock.recv(256 * 1024):
+                        break
+                except (socket.timeout, TimeoutError):
+                    continue
+        except (OSError, ValueError):
+            pass
 
     def _describe(self, exc: BaseException) -> str:
         if isinstance(exc, StandbyError):
@@ -364,9 +421,12 @@ class _Connection:
         try:
             if isinstance(exc, zstandard.ZstdError):
                 err = Error(ErrorCode.PROTOCOL, f"DATA: zstd payload does not decompress: {exc}")
+            elif isinstance(exc, SessionFailed):
+                err = Error(exc.code, exc.message)
             else:
                 err = Error.from_exception(exc)
             self.send(err)
+            self.error_sent = True
         except (OSError, ssl.SSLError, ValueError):
             pass
 
@@ -374,7 +434,7 @@ class _Connection:
     def dispatch(self, msg: Message) -> None:
         s = self.session
         if s is not None and s.failed is not None and not isinstance(msg, CycleEnd):
-            raise SessionFailed(f"cycle {s.cycle_id} failed on another stream: {s.failed}")
+            raise SessionFailed(f"cycle {s.cycle_id} failed on another stream: {s.failed}", s.failed_code)
         if isinstance(msg, Data):
             self.on_data(msg)
         elif isinstance(msg, ZeroRun):
@@ -516,7 +576,7 @@ class _Connection:
         s = self.session
         assert s is not None and self.disk is not None
         if s.failed is not None:
-            raise SessionFailed(f"cycle {s.cycle_id} failed on another stream: {s.failed}")
+            raise SessionFailed(f"cycle {s.cycle_id} failed on another stream: {s.failed}", s.failed_code)
         with s.lock:
             ended = dict(s.ended)
         if len(ended) != s.stream_count:
