@@ -75,6 +75,9 @@ class CycleSession:
     consistency: str  # "app" when the guest's filesystems were frozen, else "crash"
     disks: list[DiskChanges] = field(default_factory=list)
     completed: bool = False
+    # What the driver did or decided that an operator should see with the point
+    # ("checkpoint standby-4 redefined from saved metadata", "guest agent not connected").
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

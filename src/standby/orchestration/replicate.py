@@ -1,0 +1,203 @@
+"""One replication cycle of a VM, end to end: the driver's point-in-time view of each disk,
+sent by the data plane's sender to the secondary's agent, then the driver told that the
+point is committed.
+
+    result = replicate_vm(driver, "web01", "10.0.0.2:7443", tls_context, state_dir)
+
+Per disk, the driver's change source decides the cycle kind: the changed extents since
+the base checkpoint, or a hash scan of the whole disk when that disk's change tracking
+is broken (`DiskChanges.resync_reason`). Before sending, the agent is asked for the
+replica's latest point: changed extents are only valid on top of the point this VM's
+previous cycle produced (recorded in `state_dir`); on any other replica state the disk is
+hash-scanned instead, and an empty replica gets a (resumable) seed.
+
+A cycle completes (the driver keeps the new checkpoint and drops older ones) only when
+every disk's point was acknowledged. A disk that fails does not stop the others; the
+cycle then raises, and the next one starts again from the previous checkpoint (whose
+changes include this cycle's: safe for the disks that did commit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from standby.errors import Conflict, StandbyError
+from standby.replication.changes import ChangeSource
+from standby.replication.protocol import Consistency, CycleKind
+from standby.replication.sender import CycleResult, Endpoint, SenderOptions, probe, run_cycle
+
+if TYPE_CHECKING:
+    from standby.drivers.base import HypervisorDriver
+
+_BAD = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def disk_id_for(vm: str, target: str) -> str:
+    """The replica disk id of a VM's disk: `<vm>-<target>`, made a valid identifier."""
+    raw = _BAD.sub("_", f"{vm}-{target}").lstrip("._-") or "disk"
+    return raw[:128]
+
+
+@dataclass
+class VmReplicationState:
+    """What this side remembers of a VM's replication (`<state_dir>/vm-<vm>.json`): the
+    checkpoint the last complete cycle was taken at, and the latest point each disk's
+    replica got from this VM's cycles."""
+
+    path: Path
+    checkpoint: str | None = None
+    points: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, state_dir: Path, vm: str) -> VmReplicationState:
+        path = state_dir / f"vm-{disk_id_for(vm, 'state')}.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls(path)
+        return cls(path, d.get("checkpoint"), dict(d.get("points") or {}))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"checkpoint": self.checkpoint, "points": self.points, "saved_at": time.time()}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class DiskCycle:
+    target: str
+    disk_id: str
+    kind: str  # seed, extents, hash_scan
+    resync_reason: str | None
+    result: CycleResult | None = None
+    error: str | None = None
+    nbd_bytes_read: int | None = None  # what the source read from the hypervisor, when it says
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "disk_id": self.disk_id, "kind": self.kind,
+                "resync_reason": self.resync_reason, "error": self.error, "nbd_bytes_read": self.nbd_bytes_read,
+                "result": self.result.as_dict() if self.result else None}
+
+
+@dataclass
+class VmCycleResult:
+    vm: str
+    checkpoint: str
+    base_checkpoint: str | None
+    consistency: str
+    completed: bool
+    seconds: float
+    disks: list[DiskCycle]
+    notes: list[str]
+
+    def disk(self, target: str) -> DiskCycle:
+        return next(d for d in self.disks if d.target == target)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"vm": self.vm, "checkpoint": self.checkpoint, "base_checkpoint": self.base_checkpoint,
+                "consistency": self.consistency, "completed": self.completed, "seconds": round(self.seconds, 3),
+                "notes": self.notes, "disks": [d.as_dict() for d in self.disks]}
+
+
+class CycleFailed(StandbyError):
+    """Some disks of a VM's cycle failed; `result` tells which, and which committed."""
+
+    exit_code = 5
+    http_status = 502
+
+    def __init__(self, message: str, result: VmCycleResult, cause: BaseException) -> None:
+        super().__init__(message)
+        self.result = result
+        self.cause = cause
+
+
+def _with_kind(source: ChangeSource, kind: CycleKind) -> ChangeSource | None:
+    fn = getattr(source, "with_kind", None)
+    return fn(kind) if callable(fn) else None
+
+
+def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, context: ssl.SSLContext,
+                 state_dir: Path | str, *, consistency: str = "auto", options: SenderOptions | None = None,
+                 disk_ids: Mapping[str, str] | None = None,
+                 on_session: Callable[[Any], None] | None = None) -> VmCycleResult:
+    """Run one replication cycle of `vm` to the agent at `endpoint`.
+
+    `state_dir` keeps this VM's replication state and the sender's per-disk state;
+    `disk_ids` maps a disk target to its replica disk id (default `<vm>-<target>`);
+    `on_session` is called with the open cycle session before anything is sent (tests
+    use it to look at the point-in-time view)."""
+    state_dir = Path(state_dir)
+    if isinstance(endpoint, str):
+        endpoint = Endpoint.parse(endpoint)
+    opts = options or SenderOptions()
+    st = VmReplicationState.load(state_dir, vm)
+    base = st.checkpoint
+    started = time.perf_counter()
+    disks: list[DiskCycle] = []
+    first_error: BaseException | None = None
+    with driver.begin_cycle(vm, base, consistency) as session:
+        if on_session is not None:
+            on_session(session)
+        cons = Consistency.APP if session.consistency == "app" else Consistency.CRASH
+        for dc in session.disks:
+            disk_id = (disk_ids or {}).get(dc.target) or disk_id_for(vm, dc.target)
+            source, reason = dc.source, dc.resync_reason
+            item = DiskCycle(dc.target, disk_id, source.kind.name.lower(), reason)
+            disks.append(item)
+            try:
+                hello = probe(endpoint, context, disk_id, source.size, timeout=opts.timeout)
+                latest = hello.latest_point
+                if source.kind is CycleKind.EXTENTS and latest != st.points.get(disk_id):
+                    scan = _with_kind(source, CycleKind.HASH_SCAN)
+                    if scan is None:
+                        raise Conflict(f"the replica of {disk_id} is at point {latest}, not at "
+                                       f"{st.points.get(disk_id)} which the changed extents are relative to, "
+                                       "and the change source cannot be rescanned")
+                    source = scan
+                    reason = (f"the replica's latest point is {latest or 'none'}, not "
+                              f"{st.points.get(disk_id) or 'none'} as this VM's last cycle left it")
+                if source.kind is CycleKind.HASH_SCAN and latest is None:
+                    source = _with_kind(source, CycleKind.SEED) or source
+                item.kind, item.resync_reason = source.kind.name.lower(), reason
+                meta = {"vm": vm, "disk": dc.target, "checkpoint": session.checkpoint, "cycle_kind": item.kind}
+                if reason:
+                    meta["resync_reason"] = reason[:500]
+                if session.notes:
+                    meta["notes"] = [n[:300] for n in session.notes[:8]]
+                res = run_cycle(source, endpoint, context, disk_id,
+                                replace(opts, state_dir=state_dir / "sender", consistency=cons,
+                                        meta={**opts.meta, **meta}))
+                item.result = res
+                st.points[disk_id] = res.point_id
+                st.save()
+            except StandbyError as exc:
+                item.error = exc.message
+                first_error = first_error or exc
+            read = getattr(source, "bytes_read", None)
+            item.nbd_bytes_read = int(read) if isinstance(read, int) else None
+        result = VmCycleResult(vm, session.checkpoint, base, session.consistency, False, 0.0, disks,
+                               list(session.notes))
+        if first_error is None:
+            # Record the new base first: if we stop between the two steps, the next cycle
+            # starts from the new checkpoint, which the driver still has (pending).
+            st.checkpoint = session.checkpoint or None
+            st.save()
+            driver.complete_cycle(session)
+            result.completed = True
+    result.seconds = time.perf_counter() - started
+    if first_error is not None:
+        failed = ", ".join(f"{d.target}: {d.error}" for d in disks if d.error)
+        raise CycleFailed(f"replication cycle of VM {vm} failed ({failed})", result, first_error)
+    return result
