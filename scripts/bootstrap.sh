@@ -16,6 +16,7 @@ APT_PACKAGES=(
   python3-libvirt python3-libnbd libnbd-bin                   # bindings (Debian-only; the venv sees them)
   iptables                               # libvirt networks apply firewall rules
   cpio gzip                              # the test guest's initramfs (written by standby.testing.guest; cpio to inspect it)
+  postgresql                             # the production store; tests start a throwaway cluster (tests/store_fixtures.py)
 )
 
 missing=()
