@@ -227,7 +227,6 @@ def test_guest_writing_heavily_during_the_backup(site: Site, make_vm: Callable[.
         acked = vm.console.acked()
         res = site.cycle(vm.name)
         _incremental(res, max_bytes=4 * MiB)
-        assert vm.console.acked() > acked or True
         _verify_point(site, vm, tmp_path, at_least=acked)
     assert vm.dom.listAllCheckpoints()[0].getName() == res.checkpoint
     assert len(vm.dom.listAllCheckpoints()) == 1  # only the base is kept
@@ -235,3 +234,221 @@ def test_guest_writing_heavily_during_the_backup(site: Site, make_vm: Callable[.
     final = site.cycle(vm.name)
     _incremental(final)
     _compare_with_source(site, vm, tmp_path)
+
+
+def test_checkpoint_missing_after_vm_restart(site: Site, make_vm: Callable[..., Vm], tmp_path: Path,
+                                             libvirt_conn: Any) -> None:
+    """The domain is re-defined while stopped (its checkpoint metadata is gone, the bitmap
+    is still in the qcow2): the checkpoint is redefined from the saved XML and the cycle
+    after the restart stays incremental."""
+    import libvirt
+
+    vm = make_vm("cpmiss")
+    vm.start()
+    vm.wait_records(5)
+    site.cycle(vm.name)
+    vm.wait_records(vm.console.acked() + 5)
+    base = site.cycle(vm.name)
+    _incremental(base)
+    vm.stop()
+    xml = vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    vm.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    vm.dom = libvirt_conn.defineXML(xml)
+    assert vm.dom.listAllCheckpoints() == []
+    vm.start()
+    acked = vm.wait_records(vm.console.acked() + 5)
+    res = site.cycle(vm.name)
+    _incremental(res, max_bytes=2 * MiB)
+    assert any("redefined" in n for n in res.notes), res.notes
+    _verify_point(site, vm, tmp_path, at_least=acked)
+    assert [c.getName() for c in vm.dom.listAllCheckpoints()] == [res.checkpoint]
+    vm.stop()
+    _incremental(site.cycle(vm.name))
+    _compare_with_source(site, vm, tmp_path)
+
+
+def test_vm_crashed_mid_cycle(site: Site, make_vm: Callable[..., Vm], tmp_path: Path) -> None:
+    """QEMU is killed while a cycle's backup job runs: that cycle fails, the base
+    checkpoint's bitmap is left in-use (inconsistent) in the qcow2, the next cycle hash-scans
+    that disk (never a re-seed), and the one after is incremental again."""
+    vm = make_vm("crash")
+    vm.start()
+    vm.wait_records(5)
+    site.cycle(vm.name)
+    vm.stop()
+    off = site.cycle(vm.name)  # offline: its checkpoint's bitmap is stored in the qcow2
+    _incremental(off)
+    vm.start()
+    vm.wait_records(vm.console.acked() + 5)
+    with pytest.raises(CycleFailed) as failed:
+        replicate_vm(site.driver, vm.name, site.ep, site.ctx, site.state, on_session=lambda s: vm.kill())
+    assert not failed.value.result.completed
+    assert failed.value.result.disk("vda").error
+    bitmaps = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(vm.disk)], capture_output=True,
+                                        text=True, check=True).stdout)["format-specific"]["data"]["bitmaps"]
+    assert any("in-use" in b["flags"] for b in bitmaps), bitmaps
+
+    res = site.cycle(vm.name)  # the VM is still down
+    d = res.disk("vda")
+    assert d.kind == "hash_scan" and d.resync_reason and "inconsistent" in d.resync_reason, d.as_dict()
+    assert d.result is not None and d.result.baseline_from != "empty replica"
+    _compare_with_source(site, vm, tmp_path)
+    acked = vm.console.acked()
+    vm.start()
+    vm.wait_records(acked + 5)
+    again = site.cycle(vm.name)
+    _incremental(again, max_bytes=2 * MiB)
+    _verify_point(site, vm, tmp_path, at_least=acked + 5)
+    assert len(vm.dom.listAllCheckpoints()) == 1
+
+
+def test_source_vm_powered_off_between_cycles(site: Site, make_vm: Callable[..., Vm], tmp_path: Path) -> None:
+    """The guest powers itself off after its records: the cycles while it is off read the
+    image at rest through qemu-nbd (checkpoints made with qemu-img + REDEFINE), and the
+    first cycle after it is started again is incremental from such a checkpoint."""
+    vm = make_vm("off")
+    vm.set_cmdline(guest.cmdline("write", rate=20, count=60))
+    vm.start()
+    vm.wait_records(5)
+    site.cycle(vm.name)
+    vm.console.wait_for(lambda c: not vm.dom.isActive(), 60)
+    assert vm.console.acked() == 59
+    off = site.cycle(vm.name)
+    _incremental(off)
+    _compare_with_source(site, vm, tmp_path)
+    assert _verify_point(site, vm, tmp_path, at_least=59).last == 59
+    idle = site.cycle(vm.name)  # nothing changed
+    _incremental(idle)
+    assert idle.disk("vda").nbd_bytes_read == 0
+    vm.set_cmdline(guest.cmdline("write", rate=20))
+    vm.start()
+    vm.wait_records(65)
+    on = site.cycle(vm.name)
+    _incremental(on, max_bytes=2 * MiB)
+    _verify_point(site, vm, tmp_path, at_least=65)
+
+
+def test_disk_added_while_protected(site: Site, make_vm: Callable[..., Vm], tmp_path: Path) -> None:
+    """A disk attached to the running VM is seeded on its own; the first disk stays
+    incremental; then both are."""
+    import libvirt
+
+    vm = make_vm("add")
+    vm.start()
+    vm.wait_records(5)
+    site.cycle(vm.name)
+    extra = guest.create_disk(vm.dir / f"{vm.name}-vdb.qcow2", 32)
+    vm.dom.attachDeviceFlags(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{extra}'/>"
+        "<target dev='vdb' bus='virtio'/></disk>",
+        libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    vm.hmp_write(3 * MiB, 256 * 1024, 0x42, "virtio-disk1")
+    res = site.cycle(vm.name)
+    _incremental(res, "vda", max_bytes=2 * MiB)
+    b = res.disk("vdb")
+    assert b.kind == "seed" and b.resync_reason and "added" in b.resync_reason, b.as_dict()
+    vm.hmp_write(7 * MiB, 128 * 1024, 0x43, "virtio-disk1")
+    both = site.cycle(vm.name)
+    _incremental(both, "vda", max_bytes=2 * MiB)
+    _incremental(both, "vdb", max_bytes=128 * 1024)
+    vm.stop()
+    site.cycle(vm.name)
+    _compare_with_source(site, vm, tmp_path)
+    _compare_with_source(site, vm, tmp_path, "vdb", extra)
+
+
+def test_disk_resized_while_protected(site: Site, make_vm: Callable[..., Vm], tmp_path: Path) -> None:
+    """A disk grown under a running VM: its bitmap keeps recording but the grown area is
+    not marked dirty, so that disk is hash-scanned at its new size."""
+    import libvirt
+
+    vm = make_vm("resize")
+    vm.start()
+    vm.wait_records(5)
+    site.cycle(vm.name)
+    vm.dom.blockResize("vda", 96 * MiB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    vm.hmp_write(80 * MiB, 64 * 1024, 0x77)  # in the grown area
+    with site.driver.begin_cycle(vm.name, site.driver.last_checkpoint(vm.name)) as session:
+        (d,) = session.disks
+        assert d.resync_reason and "resized from 67108864 to 100663296" in d.resync_reason
+        assert d.source.kind.name == "HASH_SCAN" and d.source.size == 96 * MiB
+    try:
+        res = site.cycle(vm.name)
+    except CycleFailed as exc:
+        if "resizing a protected disk is not supported" in str(exc):
+            pytest.xfail("the replica store cannot grow a replica yet (the agent refuses a size change)")
+        raise
+    d = res.disk("vda")
+    assert d.kind == "hash_scan" and "resized" in (d.resync_reason or "")
+    _incremental(site.cycle(vm.name))
+    vm.stop()
+    site.cycle(vm.name)
+    _compare_with_source(site, vm, tmp_path)
+
+
+AGENT_CHANNEL = """
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>"""
+
+
+def test_one_percent_change_reads_one_percent(site: Site, make_vm: Callable[..., Vm]) -> None:
+    """A 256 MiB disk full of data; 1% of its 64 KiB blocks written through QEMU's monitor
+    (the VM is paused: no guest OS needed). The incremental cycle reads exactly the dirty
+    blocks from the NBD export; a hash scan of the same disk reads all of it.
+
+    The domain has a guest agent channel but no agent in the guest: the points are
+    crash-consistent, and say why."""
+    import random
+
+    import libvirt_qemu
+
+    size = 256 * MiB
+    vm = make_vm("pct", size_mib=256, extra_devices=AGENT_CHANNEL)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {size}", str(vm.disk)], check=True,
+                   capture_output=True)
+    vm.start(paused=True)
+    t0 = time.perf_counter()
+    seed = site.cycle(vm.name, check_view=False)
+    seed_s = time.perf_counter() - t0
+    assert seed.disk("vda").kind == "seed" and seed.disk("vda").nbd_bytes_read == size
+    assert seed.consistency == "crash"
+    assert any("guest agent is not connected" in n for n in seed.notes), seed.notes
+
+    blocks = random.Random(7).sample(range(size // BLOCK_SIZE), size // BLOCK_SIZE // 100)
+    for i, b in enumerate(blocks):
+        libvirt_qemu.qemuMonitorCommand(
+            vm.dom, f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P {i % 200 + 1} '
+                    f'{b * BLOCK_SIZE} {BLOCK_SIZE}"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    t0 = time.perf_counter()
+    inc = site.cycle(vm.name, check_view=False)
+    inc_s = time.perf_counter() - t0
+    d = inc.disk("vda")
+    _incremental(inc)
+    assert d.nbd_bytes_read == len(blocks) * BLOCK_SIZE, d.as_dict()
+    assert d.result is not None and d.result.data_blocks == len(blocks)
+
+    # the same kind of change, then a full hash scan of the same disk for comparison:
+    # forget which point the replica holds, so the cycle cannot trust the changed extents
+    for i, b in enumerate(random.Random(8).sample(range(size // BLOCK_SIZE), len(blocks))):
+        libvirt_qemu.qemuMonitorCommand(
+            vm.dom, f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P {i % 200 + 1} '
+                    f'{b * BLOCK_SIZE} {BLOCK_SIZE}"', libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    state_file = next(site.state.glob("vm-*.json"))
+    st = json.loads(state_file.read_text())
+    st["points"] = {}
+    state_file.write_text(json.dumps(st))
+    t0 = time.perf_counter()
+    scan = site.cycle(vm.name, check_view=False)
+    scan_s = time.perf_counter() - t0
+    s = scan.disk("vda")
+    assert s.kind == "hash_scan" and "latest point" in (s.resync_reason or ""), s.as_dict()
+    assert s.nbd_bytes_read == size
+    assert s.result is not None and s.result.data_blocks <= len(blocks)
+    figures = {"disk_bytes": size, "changed_blocks": len(blocks),
+               "incremental_nbd_bytes_read": d.nbd_bytes_read, "incremental_cycle_s": round(inc_s, 3),
+               "incremental_fraction_read": round((d.nbd_bytes_read or 0) / size, 4),
+               "hash_scan_nbd_bytes_read": s.nbd_bytes_read, "hash_scan_cycle_s": round(scan_s, 3),
+               "seed_cycle_s": round(seed_s, 3)}
+    print("\nchange-tracking figures:", json.dumps(figures))
+    assert inc_s < scan_s

@@ -202,16 +202,20 @@ class _Counter:
 
 
 class NbdReader:
-    """A `BlockReader` on its own libnbd handle (one per sender thread)."""
+    """A `BlockReader` on its own libnbd handle (one per sender thread), connected on
+    the first read, so that an export gone meanwhile fails that read (which the sender
+    reports) rather than the reader's creation."""
 
     def __init__(self, export: NbdExport, counter: _Counter) -> None:
         self.export = export
         self.counter = counter
-        self.h: Any = export.connect()
+        self.h: Any = None
 
     def pread(self, offset: int, length: int) -> bytes:
         import nbd
 
+        if self.h is None:
+            self.h = self.export.connect()
         try:
             data = self.h.pread(length, offset)
         except nbd.Error as exc:
