@@ -68,6 +68,7 @@ from standby.replication.store import DiskReplica, ReplicaStore  # noqa: E402
 MiB = 1024 * 1024
 SEED = int(os.environ.get("STANDBY_FAULT_SEED") or random.SystemRandom().randrange(10**6))
 TALLY: Counter[tuple[str, str, str]] = Counter()  # (victim, cycle kind, phase) -> kills
+SEEDS: Counter[str] = Counter()  # how the killed initial seeds ended
 SCENARIOS_DONE: list[int] = []
 
 KILL_SCENARIOS = 9
@@ -570,11 +571,10 @@ def test_sigkill_sender_or_agent_at_random_moments(tmp_path: Path, pki: dict[str
     try:
         sc.fresh_seed_wire = _calibrate_fresh_seed(sc)
         ctx = f"seed {SEED} scenario {scenario}"
-        if rng.random() < 0.85:
-            sc.killed_cycle("seed", rng.choice(VICTIMS), rng.choice(TARGETS), f"{ctx} initial")
-            sc.catch_up("auto", f"{ctx} initial")
-        else:
-            sc.run("seed", rng.choice([1, 2, 4]), f"{ctx} initial")
+        # the initial seed is killed too, each victim and phase in turn over the scenarios
+        sc.killed_cycle("seed", VICTIMS[scenario % 2], TARGETS[scenario // 2 % 3], f"{ctx} initial")
+        res = sc.catch_up("auto", f"{ctx} initial")
+        SEEDS[f"seed {'resumed' if res['resumed'] else 'ran whole' if res['kind'] == 'seed' else 'committed'}"] += 1
         plan = [(v, t) for v in VICTIMS for t in TARGETS]  # every victim and phase once
         rng.shuffle(plan)
         for k, (victim, target) in enumerate(plan):
@@ -605,7 +605,9 @@ def test_sigkill_summary() -> None:
     total = sum(by_phase.values())
     print(f"fault injection: {total} SIGKILL runs by phase: {dict(by_phase)}; "
           f"by victim: {dict(Counter(v for (v, _, _), n in TALLY.items() for _ in range(n)))}")
+    print(f"fault injection: killed initial seeds: {dict(SEEDS)}")
     assert total >= 50
+    assert SEEDS["seed resumed"] >= 2, SEEDS
     for phase in ("handshake", "data", "commit"):
         assert by_phase[phase] >= 8, by_phase
 
@@ -640,13 +642,13 @@ def test_cut_connections_mid_cycle(tmp_path: Path, pki: dict[str, tls.Identity],
     store, state, disk_id = tmp_path / "store", tmp_path / "state", "cut-d0"
     replica = Replica(store, disk_id, size)
     ctx_tls = tls.client_context(pki["sender"])
-    cut_in_commit: dict[str, Any] = {}
+    cut_in_commit: dict[str, tuple[CuttingProxy, float]] = {}
     on_cycle_end = receiver_mod._Connection.on_cycle_end
 
     def cutting_on_cycle_end(self: Any, msg: Any) -> None:
-        proxy = cut_in_commit.pop("proxy", None)
-        if proxy is not None:
-            threading.Timer(cut_in_commit.pop("delay"), proxy.cut_all).start()
+        cut = cut_in_commit.pop("cut", None)
+        if cut is not None:
+            threading.Timer(cut[1], cut[0].cut_all).start()
         on_cycle_end(self, msg)
 
     monkeypatch.setattr(receiver_mod._Connection, "on_cycle_end", cutting_on_cycle_end)
@@ -674,10 +676,9 @@ def test_cut_connections_mid_cycle(tmp_path: Path, pki: dict[str, tls.Identity],
                     0.9 * (fresh.wire_bytes if mode == "seed" else n_changed * BLOCK_SIZE))))
             else:
                 budget = 1 << 50
-                cut_in_commit.update(delay=rng.uniform(0, 0.006))
             proxy = CuttingProxy(("127.0.0.1", rx.address[1]), budget)
             if where == "commit":
-                cut_in_commit["proxy"] = proxy
+                cut_in_commit["cut"] = (proxy, rng.uniform(0, 0.006))
             source_obj: Any = {"seed": FullSource, "scan": HashScanSource}.get(mode)
             src = source_obj(img) if source_obj else ExtentSource(img, [(i * BLOCK_SIZE, BLOCK_SIZE)
                                                                         for i in sorted(pending)])
@@ -870,3 +871,26 @@ def test_full_disk_on_the_secondary(tmp_path: Path, pki: dict[str, tls.Identity]
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="sender bug: it reads nothing from a stream while it sends, so it "
+                                       "ignores the agent's ERROR until the end of its stream (the rest of the "
+                                       "cycle is pushed for nothing), and a cycle outlasting the agent's linger "
+                                       "fails as 'connection lost' (exit 5), not with the agent's cause")
+def test_sender_stops_soon_after_the_agent_fails_the_cycle(tmp_path: Path, pki: dict[str, tls.Identity],
+                                                          small_fs: Path) -> None:
+    from standby.domain.bandwidth import Schedule
+    from standby.errors import OutOfSpace
+
+    img = tmp_path / "src.img"
+    img.write_bytes(os.urandom(48 * MiB))  # about 3 s at 16 MiB/s; the store has room for 1 MiB
+    _fill(small_fs, 1 * MiB)
+    with running_agent(small_fs / "store", pki["agent"]) as rx:
+        t0 = time.monotonic()
+        with pytest.raises(StandbyError) as info:
+            run_cycle(FullSource(img), endpoint(rx), tls.client_context(pki["sender"]), "big",
+                      SenderOptions(streams=1, schedule=Schedule.parse("00:00-24:00=16MiB/s")))
+        elapsed = time.monotonic() - t0
+    assert isinstance(info.value, OutOfSpace), info.value
+    assert elapsed < 1.5, f"the sender went on for {elapsed:.1f} s after the agent ran out of space"

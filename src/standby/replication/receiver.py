@@ -25,8 +25,10 @@ After sending an ERROR the receiver does not close at once: closing a TCP socket
 unread data sends a reset, and a sender whose TLS write fails on that reset can no longer
 read the ERROR (it would report a lost connection instead of the cause). It half-closes
 (FIN after the ERROR) and reads and discards what the sender still sends until the
-sender closes, or for at most `error_linger` seconds. The receiver holds per connection at most one frame (<= 1 MiB + 16 bytes) and
-its decompressed block.
+sender closes, or for at most `error_linger` seconds.
+
+The receiver holds per connection at most one frame (<= 1 MiB + 16 bytes) and its
+decompressed block.
 
 Logs: one line per committed or failed cycle, one per refused connection.
 """
