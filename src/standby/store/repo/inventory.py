@@ -1,0 +1,296 @@
+"""Inventory: sites, servers, clouds, hosts, VMs and networks, synchronized from the
+agents' discovery one cloud at a time (`sync_cloud`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from standby.errors import BadInput, Conflict, NotFound
+from standby.store.models import PLATFORMS, Cloud, Host, Network, ProtectedItem, Server, Site, Vm, cloud_hosts
+from standby.store.repo._common import by_name, now_or
+
+
+def _platform(platform: str) -> str:
+    if platform not in PLATFORMS:
+        raise BadInput(f"platform {platform!r} is not one of {', '.join(PLATFORMS)}")
+    return platform
+
+
+def ensure_site(session: Session, name: str, *, description: str | None = None) -> Site:
+    site = session.scalars(select(Site).where(Site.name == name)).one_or_none()
+    if site is None:
+        site = Site(name=name, description=description or "")
+        session.add(site)
+    elif description is not None:
+        site.description = description
+    session.flush()
+    return site
+
+
+def ensure_server(session: Session, name: str, *, site: str, platform: str = "kvm", version: str = "") -> Server:
+    """Create or update a server (site manager) in `site` (created if new)."""
+    site_row = ensure_site(session, site)
+    server = session.scalars(select(Server).where(Server.name == name)).one_or_none()
+    if server is None:
+        server = Server(name=name, site_id=site_row.id, platform=_platform(platform), version=version)
+        session.add(server)
+    else:
+        server.site_id = site_row.id
+        server.platform = _platform(platform)
+        server.version = version
+    session.flush()
+    return server
+
+
+def ensure_cloud(session: Session, name: str, *, server: str, capabilities: Sequence[str] = ()) -> Cloud:
+    server_row = by_name(session, Server, server, "server")
+    cloud = session.scalars(select(Cloud).where(Cloud.name == name)).one_or_none()
+    caps = [_platform(c) for c in capabilities]
+    if cloud is None:
+        cloud = Cloud(name=name, server_id=server_row.id, capabilities=caps)
+        session.add(cloud)
+    else:
+        cloud.server_id = server_row.id
+        cloud.capabilities = caps
+    session.flush()
+    return cloud
+
+
+def ensure_network(session: Session, name: str, *, site: str | None = None) -> Network:
+    site_id = ensure_site(session, site).id if site is not None else None
+    net = session.scalars(select(Network).where(Network.name == name)).one_or_none()
+    if net is None:
+        net = Network(name=name, site_id=site_id)
+        session.add(net)
+    elif site is not None:
+        net.site_id = site_id
+    session.flush()
+    return net
+
+
+def get_site(session: Session, name: str) -> Site:
+    return by_name(session, Site, name, "site")
+
+
+def get_server(session: Session, name: str) -> Server:
+    return by_name(session, Server, name, "server")
+
+
+def get_cloud(session: Session, name: str) -> Cloud:
+    return by_name(session, Cloud, name, "cloud")
+
+
+def get_host(session: Session, name: str) -> Host:
+    return by_name(session, Host, name, "host")
+
+
+def get_network(session: Session, name: str) -> Network:
+    return by_name(session, Network, name, "network")
+
+
+def list_sites(session: Session) -> list[Site]:
+    return list(session.scalars(select(Site).order_by(Site.name)))
+
+
+def list_servers(session: Session) -> list[Server]:
+    return list(session.scalars(select(Server).order_by(Server.name)))
+
+
+def list_clouds(session: Session, *, server: str | None = None) -> list[Cloud]:
+    q = select(Cloud).order_by(Cloud.name)
+    if server is not None:
+        q = q.join(Server, Cloud.server_id == Server.id).where(Server.name == server)
+    return list(session.scalars(q))
+
+
+def list_hosts(session: Session, *, cloud: str | None = None) -> list[Host]:
+    q = select(Host).order_by(Host.name)
+    if cloud is not None:
+        q = q.join(cloud_hosts, cloud_hosts.c.host_id == Host.id).join(Cloud, Cloud.id == cloud_hosts.c.cloud_id)
+        q = q.where(Cloud.name == cloud)
+    return list(session.scalars(q))
+
+
+def list_vms(session: Session, *, host: str | None = None, cloud: str | None = None, present_only: bool = False) -> list[Vm]:
+    q = select(Vm).join(Host, Vm.host_id == Host.id).order_by(Host.name, Vm.name)
+    if host is not None:
+        q = q.where(Host.name == host)
+    if cloud is not None:
+        q = q.join(cloud_hosts, cloud_hosts.c.host_id == Host.id).join(Cloud, Cloud.id == cloud_hosts.c.cloud_id)
+        q = q.where(Cloud.name == cloud)
+    if present_only:
+        q = q.where(Vm.missing_since.is_(None))
+    return list(session.scalars(q))
+
+
+def list_networks(session: Session) -> list[Network]:
+    return list(session.scalars(select(Network).order_by(Network.name)))
+
+
+def get_vm(session: Session, host: str, name: str) -> Vm:
+    vm = session.scalars(select(Vm).join(Host, Vm.host_id == Host.id).where(Host.name == host, Vm.name == name)).one_or_none()
+    if vm is None:
+        raise NotFound(f"VM {name!r} on host {host!r} does not exist")
+    return vm
+
+
+def clouds_of_host(session: Session, host: str) -> list[Cloud]:
+    q = (
+        select(Cloud)
+        .join(cloud_hosts, cloud_hosts.c.cloud_id == Cloud.id)
+        .join(Host, Host.id == cloud_hosts.c.host_id)
+        .where(Host.name == host)
+        .order_by(Cloud.name)
+    )
+    return list(session.scalars(q))
+
+
+# ---------------------------------------------------------------- sync from discovery
+
+
+@dataclass(frozen=True)
+class VmReport:
+    name: str
+    uuid: str | None = None
+    power_state: str | None = None
+    disks: dict[str, Any] = field(default_factory=dict)
+    nics: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HostReport:
+    """One host as an agent's discovery reports it."""
+
+    name: str
+    platform: str = "kvm"
+    host_group: str | None = None
+    replication_address: str | None = None
+    storage_free_bytes: int | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    vms: Sequence[VmReport] = ()
+
+
+@dataclass
+class SyncResult:
+    hosts_added: list[str] = field(default_factory=list)
+    hosts_updated: list[str] = field(default_factory=list)
+    hosts_removed: list[str] = field(default_factory=list)  # left the cloud (the host row stays)
+    vms_added: list[str] = field(default_factory=list)  # "host/vm"
+    vms_updated: list[str] = field(default_factory=list)
+    vms_removed: list[str] = field(default_factory=list)
+    vms_missing: list[str] = field(default_factory=list)  # gone but protected: kept, marked missing
+    vms_replaced: list[str] = field(default_factory=list)  # same host and name, another UUID
+
+
+def _names_unique(what: str, names: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise BadInput(f"discovery reported {what} {n!r} twice")
+        seen.add(n)
+
+
+def sync_cloud(session: Session, cloud: str, hosts: Sequence[HostReport], *, now: datetime | None = None) -> SyncResult:
+    """Make the store's view of `cloud` what discovery reported: exactly these hosts, and
+    on each exactly these VMs. VMs are matched by UUID (so one that moved between hosts
+    keeps its row and its protection), then by host and name (a new UUID under a known
+    name is listed in `vms_replaced`, for health to judge). A VM that disappeared is
+    deleted, unless it is protected: then it is kept with `missing_since` set."""
+    now = now_or(now)
+    res = SyncResult()
+    cloud_row = get_cloud(session, cloud)
+    _names_unique("host", (h.name for h in hosts))
+    protected_vm_ids = set(session.scalars(select(ProtectedItem.vm_id)))
+
+    member_ids = set(session.scalars(select(cloud_hosts.c.host_id).where(cloud_hosts.c.cloud_id == cloud_row.id)))
+    reported_ids: set[int] = set()
+    for report in hosts:
+        host = session.scalars(select(Host).where(Host.name == report.name)).one_or_none()
+        if host is None:
+            host = Host(name=report.name)
+            session.add(host)
+            res.hosts_added.append(report.name)
+        else:
+            res.hosts_updated.append(report.name)
+        host.server_id = cloud_row.server_id
+        host.platform = _platform(report.platform)
+        host.host_group = report.host_group
+        host.replication_address = report.replication_address
+        host.storage_free_bytes = report.storage_free_bytes
+        host.facts = dict(report.facts)
+        host.synced_at = now
+        session.flush()
+        reported_ids.add(host.id)
+        if host.id not in member_ids:
+            session.execute(cloud_hosts.insert().values(cloud_id=cloud_row.id, host_id=host.id))
+        _sync_vms(session, host, report.vms, protected_vm_ids, now, res)
+
+    for host_id in member_ids - reported_ids:
+        session.execute(cloud_hosts.delete().where(cloud_hosts.c.cloud_id == cloud_row.id, cloud_hosts.c.host_id == host_id))
+        res.hosts_removed.append(session.get_one(Host, host_id).name)
+    cloud_row.synced_at = now
+    session.flush()
+    session.expire(cloud_row, ["hosts"])
+    return res
+
+
+def _sync_vms(
+    session: Session, host: Host, reports: Sequence[VmReport], protected: set[int], now: datetime, res: SyncResult
+) -> None:
+    _names_unique(f"on host {host.name} VM", (v.name for v in reports))
+    existing = {vm.name: vm for vm in session.scalars(select(Vm).where(Vm.host_id == host.id))}
+    seen: set[int] = set()
+    for report in reports:
+        key = f"{host.name}/{report.name}"
+        here = existing.get(report.name)
+        vm = None
+        if report.uuid is not None:
+            vm = session.scalars(select(Vm).where(Vm.uuid == report.uuid)).one_or_none()
+            if vm is not None and vm.host_id != host.id:  # moved here from another host
+                if here is not None:
+                    if here.id in protected:
+                        raise Conflict(
+                            f"VM {report.name!r} moved to host {host.name!r}, where a protected VM of that name "
+                            "is still recorded: disable its protection first"
+                        )
+                    session.delete(here)
+                    session.flush()
+                    res.vms_removed.append(key)
+                    existing.pop(report.name)
+                vm.host_id = host.id
+        if vm is None and here is not None:
+            vm = here
+            if here.uuid is not None and report.uuid is not None and here.uuid != report.uuid:
+                res.vms_replaced.append(key)  # same name, another machine
+        if vm is None:
+            vm = Vm(host_id=host.id, name=report.name)
+            session.add(vm)
+            res.vms_added.append(key)
+        else:
+            res.vms_updated.append(key)
+        vm.name = report.name
+        vm.uuid = report.uuid
+        vm.power_state = report.power_state
+        vm.disks = dict(report.disks)
+        vm.nics = list(report.nics)
+        vm.missing_since = None
+        vm.synced_at = now
+        session.flush()
+        seen.add(vm.id)
+    for vm in existing.values():
+        if vm.id in seen or vm.host_id != host.id:
+            continue
+        key = f"{host.name}/{vm.name}"
+        if vm.id in protected:
+            vm.missing_since = vm.missing_since or now
+            res.vms_missing.append(key)
+        else:
+            session.delete(vm)
+            res.vms_removed.append(key)
+    session.flush()

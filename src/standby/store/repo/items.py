@@ -1,0 +1,222 @@
+"""Protected items: a VM, the pairing and policy protecting it, its lifecycle state,
+health and replication progress.
+
+The lifecycle's rules live in the domain state machine; the store keeps the state as a
+string and changes it under a row lock, either checked against the state the caller
+expects (`set_state`) or computed from the current one (`transition`, given the domain's
+pure transition function).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from standby.errors import BadInput, Conflict, Refused
+from standby.store.models import HEALTHS, ProtectedItem, Vm
+from standby.store.repo._common import get as _get
+from standby.store.repo._common import now_or
+from standby.store.repo.policies import is_associated
+
+DISABLED = "disabled"
+
+
+def create(
+    session: Session,
+    *,
+    vm_id: int,
+    pairing_id: int,
+    policy_id: int,
+    state: str = "ready",
+    secondary_host_id: int | None = None,
+    details: dict[str, Any] | None = None,
+    next_cycle_at: datetime | None = None,
+    now: datetime | None = None,
+) -> ProtectedItem:
+    """Protect a VM. A VM has one item; a disabled item of the same VM is replaced."""
+    now = now_or(now)
+    _get(session, Vm, vm_id, "VM")
+    if not is_associated(session, policy_id, pairing_id):
+        raise Refused(f"policy {policy_id} is not associated with pairing {pairing_id}")
+    old = by_vm(session, vm_id)
+    if old is not None:
+        if old.state != DISABLED:
+            raise Conflict(f"VM {vm_id} is already protected (item {old.id}, {old.state})")
+        session.delete(old)
+        session.flush()
+    item = ProtectedItem(
+        vm_id=vm_id,
+        pairing_id=pairing_id,
+        policy_id=policy_id,
+        secondary_host_id=secondary_host_id,
+        state=state,
+        state_changed_at=now,
+        health="normal",
+        health_reason="",
+        bytes_replicated=0,
+        details=dict(details or {}),
+        next_cycle_at=next_cycle_at,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(item)
+    session.flush()
+    return item
+
+
+def get(session: Session, item_id: int, *, lock: bool = False) -> ProtectedItem:
+    return _get(session, ProtectedItem, item_id, "protected item", lock=lock)
+
+
+def by_vm(session: Session, vm_id: int) -> ProtectedItem | None:
+    return session.scalars(select(ProtectedItem).where(ProtectedItem.vm_id == vm_id)).one_or_none()
+
+
+def list_items(
+    session: Session,
+    *,
+    pairing_id: int | None = None,
+    policy_id: int | None = None,
+    states: Iterable[str] | None = None,
+    health: str | None = None,
+) -> list[ProtectedItem]:
+    q = select(ProtectedItem).order_by(ProtectedItem.id)
+    if pairing_id is not None:
+        q = q.where(ProtectedItem.pairing_id == pairing_id)
+    if policy_id is not None:
+        q = q.where(ProtectedItem.policy_id == policy_id)
+    if states is not None:
+        q = q.where(ProtectedItem.state.in_(list(states)))
+    if health is not None:
+        q = q.where(ProtectedItem.health == health)
+    return list(session.scalars(q))
+
+
+def set_state(
+    session: Session,
+    item_id: int,
+    new_state: str,
+    *,
+    expected: str | Collection[str] | None = None,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> ProtectedItem:
+    """Set the lifecycle state if the item is in `expected` (a state or a set of them);
+    otherwise `Conflict` (someone moved it meanwhile). `error` is recorded (or cleared)."""
+    item = get(session, item_id, lock=True)
+    if expected is not None:
+        allowed = {expected} if isinstance(expected, str) else set(expected)
+        if item.state not in allowed:
+            raise Conflict(f"protected item {item.id} is {item.state}, not {' or '.join(sorted(allowed))}")
+    _apply_state(item, new_state, error, now_or(now))
+    session.flush()
+    return item
+
+
+def transition(
+    session: Session,
+    item_id: int,
+    next_state: Callable[[str], str],
+    *,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> ProtectedItem:
+    """Set the state to `next_state(current)`, the current state read under the row lock.
+    `next_state` is the domain's pure transition function; what it raises propagates."""
+    item = get(session, item_id, lock=True)
+    _apply_state(item, next_state(item.state), error, now_or(now))
+    session.flush()
+    return item
+
+
+def _apply_state(item: ProtectedItem, new_state: str, error: str | None, now: datetime) -> None:
+    if not new_state or len(new_state) > 40:
+        raise BadInput(f"{new_state!r} is not a lifecycle state")
+    if new_state != item.state:
+        item.state = new_state
+        item.state_changed_at = now
+    item.error = error
+    item.updated_at = now
+
+
+def set_health(
+    session: Session, item_id: int, health: str, reason: str = "", *, now: datetime | None = None
+) -> ProtectedItem:
+    if health not in HEALTHS:
+        raise BadInput(f"health {health!r} is not one of {', '.join(HEALTHS)}")
+    item = get(session, item_id, lock=True)
+    item.health = health
+    item.health_reason = reason
+    item.updated_at = now_or(now)
+    session.flush()
+    return item
+
+
+def record_cycle(
+    session: Session,
+    item_id: int,
+    *,
+    recovery_point_id: str,
+    recovery_point_at: datetime,
+    bytes_sent: int,
+    next_cycle_at: datetime | None,
+    rpo_seconds: float | None = None,
+    now: datetime | None = None,
+) -> ProtectedItem:
+    """A replication cycle made a recovery point: remember it, count the bytes, schedule
+    the next cycle. `rpo_seconds` defaults to the age of the new point at `now`."""
+    if bytes_sent < 0:
+        raise BadInput("bytes_sent cannot be negative")
+    now = now_or(now)
+    item = get(session, item_id, lock=True)
+    item.last_recovery_point_id = recovery_point_id
+    item.last_recovery_point_at = recovery_point_at
+    item.bytes_replicated += bytes_sent
+    item.rpo_seconds = rpo_seconds if rpo_seconds is not None else max(0.0, (now - recovery_point_at).total_seconds())
+    item.last_cycle_at = now
+    item.next_cycle_at = next_cycle_at
+    item.error = None
+    item.updated_at = now
+    session.flush()
+    return item
+
+
+def schedule(session: Session, item_id: int, next_cycle_at: datetime | None, *, now: datetime | None = None) -> ProtectedItem:
+    """When the next cycle is due (None: not scheduled, e.g. paused)."""
+    item = get(session, item_id, lock=True)
+    item.next_cycle_at = next_cycle_at
+    item.updated_at = now_or(now)
+    session.flush()
+    return item
+
+
+def due(session: Session, *, now: datetime | None = None, limit: int = 500) -> list[ProtectedItem]:
+    """Items whose next cycle is due, most overdue first (the scheduler's queue)."""
+    now = now_or(now)
+    q = (
+        select(ProtectedItem)
+        .where(ProtectedItem.next_cycle_at.is_not(None), ProtectedItem.next_cycle_at <= now)
+        .order_by(ProtectedItem.next_cycle_at, ProtectedItem.id)
+        .limit(limit)
+    )
+    return list(session.scalars(q))
+
+
+def update_details(session: Session, item_id: int, *, now: datetime | None = None, **details: Any) -> ProtectedItem:
+    """Merge keys into the item's agent-side details."""
+    item = get(session, item_id, lock=True)
+    item.details = {**item.details, **details}
+    item.updated_at = now_or(now)
+    session.flush()
+    return item
+
+
+def delete(session: Session, item_id: int) -> None:
+    """Forget an item (its alerts stay, detached from it)."""
+    item = get(session, item_id, lock=True)
+    session.delete(item)
+    session.flush()
