@@ -304,8 +304,10 @@ def test_vm_crashed_mid_cycle(site: Site, make_vm: Callable[..., Vm], tmp_path: 
 
 def test_source_vm_powered_off_between_cycles(site: Site, make_vm: Callable[..., Vm], tmp_path: Path) -> None:
     """The guest powers itself off after its records: the cycles while it is off read the
-    image at rest through qemu-nbd (checkpoints made with qemu-img + REDEFINE), and the
-    first cycle after it is started again is incremental from such a checkpoint."""
+    image at rest through qemu-nbd (checkpoints made with qemu-img + REDEFINE); an offline
+    edit through QEMU's tools is in the bitmap, one with the bitmap disabled makes that
+    disk a hash scan; the first cycle after the VM is started again is incremental from
+    a checkpoint made offline."""
     vm = make_vm("off")
     vm.set_cmdline(guest.cmdline("write", rate=20, count=60))
     vm.start()
@@ -320,6 +322,21 @@ def test_source_vm_powered_off_between_cycles(site: Site, make_vm: Callable[...,
     idle = site.cycle(vm.name)  # nothing changed
     _incremental(idle)
     assert idle.disk("vda").nbd_bytes_read == 0
+    # edited offline with QEMU's tools: the enabled bitmap records the writes
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 40M 64k", str(vm.disk)], check=True,
+                   capture_output=True)
+    edited = site.cycle(vm.name)
+    _incremental(edited)
+    assert edited.disk("vda").nbd_bytes_read == 64 * 1024
+    # edited with the bitmap disabled: its changes cannot be trusted, the disk is scanned
+    subprocess.run(["qemu-img", "bitmap", "--disable", str(vm.disk), edited.checkpoint], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x62 41M 64k", str(vm.disk)], check=True,
+                   capture_output=True)
+    blind = site.cycle(vm.name)
+    d = blind.disk("vda")
+    assert d.kind == "hash_scan" and "disabled" in (d.resync_reason or ""), d.as_dict()
+    assert d.result is not None and d.result.data_blocks == 1
+    _compare_with_source(site, vm, tmp_path)
     vm.set_cmdline(guest.cmdline("write", rate=20))
     vm.start()
     vm.wait_records(65)
@@ -389,7 +406,12 @@ def test_disk_resized_while_protected(site: Site, make_vm: Callable[..., Vm], tm
 AGENT_CHANNEL = """
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>"""
+    </channel>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <target dev='hdc' bus='ide'/>
+      <readonly/>
+    </disk>"""
 
 
 def test_one_percent_change_reads_one_percent(site: Site, make_vm: Callable[..., Vm]) -> None:
@@ -398,7 +420,7 @@ def test_one_percent_change_reads_one_percent(site: Site, make_vm: Callable[...,
     blocks from the NBD export; a hash scan of the same disk reads all of it.
 
     The domain has a guest agent channel but no agent in the guest: the points are
-    crash-consistent, and say why."""
+    crash-consistent, and say why. Its empty CD-ROM drive is left out of the backups."""
     import random
 
     import libvirt_qemu

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,10 @@ class DiskPlan:
     tracked: bool  # the new checkpoint gets a bitmap in this disk (qcow2)
 
 
-def backup_xml(socket: str, plans: list[DiskPlan], base: str | None, scratch_dir: Path) -> str:
-    """A pull-mode backup over a unix socket, per disk incremental from `base` or full."""
+def backup_xml(socket: str, plans: list[DiskPlan], base: str | None, scratch_dir: Path,
+               skip: Sequence[str] = ()) -> str:
+    """A pull-mode backup over a unix socket, per disk incremental from `base` or full;
+    the disks in `skip` (not replicated: CD-ROMs, read-only, network) left out."""
     root = ET.Element("domainbackup", {"mode": "pull"})
     ET.SubElement(root, "server", {"transport": "unix", "socket": socket})
     disks = ET.SubElement(root, "disks")
@@ -56,6 +59,8 @@ def backup_xml(socket: str, plans: list[DiskPlan], base: str | None, scratch_dir
             attrs["backupmode"] = "full"
         d = ET.SubElement(disks, "disk", attrs)
         ET.SubElement(d, "scratch", {"file": str(scratch_dir / f"scratch-{p.disk.target}.qcow2")})
+    for target in skip:
+        ET.SubElement(disks, "disk", {"name": target, "backup": "no"})
     return ET.tostring(root, encoding="unicode")
 
 
@@ -109,7 +114,7 @@ def _end_job(dom: Any) -> None:
 
 
 def start_online(dom: Any, vm: str, plans: list[DiskPlan], base: str | None, checkpoint: str | None,
-                 scratch_root: Path) -> Exports:
+                 scratch_root: Path, skip: Sequence[str] = ()) -> Exports:
     """Begin the pull-mode backup (and create `checkpoint` with it). The caller holds
     the guest frozen around this call for an app-consistent point."""
     import libvirt
@@ -119,9 +124,10 @@ def start_online(dom: Any, vm: str, plans: list[DiskPlan], base: str | None, che
     run_dir = short_run_dir()
     scratch_dir = Path(tempfile.mkdtemp(prefix=f"{vm[:40]}-", dir=scratch_root))
     sock = str(run_dir / "nbd.sock")
-    cp_xml = checkpoint_xml(checkpoint, {p.disk.target: p.tracked for p in plans}) if checkpoint else None
+    tracked = {p.disk.target: p.tracked for p in plans} | {t: False for t in skip}
+    cp_xml = checkpoint_xml(checkpoint, tracked) if checkpoint else None
     try:
-        dom.backupBegin(backup_xml(sock, plans, base, scratch_dir), cp_xml, 0)
+        dom.backupBegin(backup_xml(sock, plans, base, scratch_dir, skip), cp_xml, 0)
     except libvirt.libvirtError as exc:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(scratch_dir, ignore_errors=True)

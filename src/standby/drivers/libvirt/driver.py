@@ -188,7 +188,9 @@ class LibvirtDriver:
         with self._locked(uuid):
             st = TrackingState.load(self.state_dir, vm, uuid)
             active = bool(dom.isActive())
-            disks = [d for d in domain_disks(call(f"VM {vm}: XML", dom.XMLDesc, 0)) if d.protected]
+            every = domain_disks(call(f"VM {vm}: XML", dom.XMLDesc, 0))
+            disks = [d for d in every if d.protected]
+            skip = [d.target for d in every if not d.protected]
             if not disks:
                 raise BadInput(f"VM {vm} has no writable local disk to replicate")
             sizes = {d.target: self._disk_size(dom, d) for d in disks}
@@ -229,9 +231,9 @@ class LibvirtDriver:
             name: str | None = checkpoint_name(seq) if any(p.tracked for p in plans) else None
 
             if active:
-                exports, cons, qnote = self._start_online(dom, vm, plans, base_name, name, consistency)
+                exports, cons, qnote = self._start_online(dom, vm, plans, base_name, name, consistency, skip)
             else:
-                exports, cons, qnote = self._start_offline(dom, vm, plans, base_name, name, consistency)
+                exports, cons, qnote = self._start_offline(dom, vm, plans, base_name, name, consistency, skip)
             notes.append(qnote)
             try:
                 if name is not None:
@@ -354,10 +356,14 @@ class LibvirtDriver:
                keep: set[str], notes: list[str]) -> None:
         import libvirt
 
-        for n in self._checkpoints(dom):
+        before = set(self._checkpoints(dom))
+        for n in before:
             if n.startswith(PREFIX) and n not in keep:
                 self._delete_checkpoint(dom, n, active, disks)
-        known = set(self._checkpoints(dom))
+        # Bitmaps without a checkpoint (metadata lost, or left behind by a deletion that
+        # could only remove metadata); those of the checkpoints just deleted are gone, or
+        # are left for the next cycle when libvirt could not remove them.
+        known = before | set(self._checkpoints(dom))
         strays: dict[str, list[DomainDisk]] = {}
         for d in disks:
             for b in (images.get(d.target).bitmaps if d.target in images else {}):
@@ -379,7 +385,7 @@ class LibvirtDriver:
                 notes.append(f"stray bitmap {b} could not be removed: {exc.get_error_message() or exc}")
 
     def _start_online(self, dom: Any, vm: str, plans: list[bk.DiskPlan], base: str | None, name: str | None,
-                      consistency: str) -> tuple[bk.Exports, str, str]:
+                      consistency: str, skip: list[str]) -> tuple[bk.Exports, str, str]:
         import libvirt
 
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +393,7 @@ class LibvirtDriver:
             with quiesced(LibvirtGuestAgent(dom), consistency) as q:
                 try:
                     exports = bk.start_online(dom, vm, plans, base if any(p.incremental for p in plans) else None,
-                                              name, self.scratch_dir)
+                                              name, self.scratch_dir, skip)
                     return exports, q.consistency, q.note
                 except libvirt.libvirtError as exc:
                     msg = exc.get_error_message() or str(exc)
@@ -400,7 +406,7 @@ class LibvirtDriver:
         raise RemoteError(f"VM {vm}: libvirt kept refusing the backup")
 
     def _start_offline(self, dom: Any, vm: str, plans: list[bk.DiskPlan], base: str | None, name: str | None,
-                       consistency: str) -> tuple[bk.Exports, str, str]:
+                       consistency: str, skip: list[str]) -> tuple[bk.Exports, str, str]:
         import libvirt
 
         added: list[DomainDisk] = []
@@ -411,7 +417,8 @@ class LibvirtDriver:
                         bk.add_bitmap(p.disk.path, name)
                         added.append(p.disk)
                 dom.checkpointCreateXML(
-                    checkpoint_xml(name, {p.disk.target: p.tracked for p in plans}, int(time.time())),
+                    checkpoint_xml(name, {p.disk.target: p.tracked for p in plans} | {t: False for t in skip},
+                                   int(time.time())),
                     libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
             except (libvirt.libvirtError, RemoteError) as exc:
                 for d in added:
