@@ -218,6 +218,9 @@ def test_guest_writing_heavily_during_the_backup(site: Site, make_vm: Callable[.
     vm.set_cmdline(guest.cmdline("write", rate=0))  # as fast as it can
     vm.start()
     vm.wait_records(20)
+    info = site.driver.vm(vm.name)  # delegated to domains.py
+    assert [d.target for d in info.disks] == ["vda"] and info.state.value == "running"
+    assert vm.name in [v.name for v in site.driver.list_vms()]
     seed = site.cycle(vm.name)
     d = seed.disk("vda")
     assert d.kind == "seed" and d.resync_reason and "first cycle" in d.resync_reason

@@ -326,3 +326,21 @@ def test_thaw_is_retried_and_a_stuck_guest_is_an_error() -> None:
 def test_bad_consistency_request() -> None:
     with pytest.raises(BadInput):
         _run(ScriptedAgent(), "eventual")
+
+
+def test_libvirt_driver_offers_the_driver_interface(tmp_path: Any) -> None:
+    import inspect
+
+    from standby.drivers.base import HypervisorDriver
+    from standby.drivers.libvirt.driver import LibvirtDriver
+
+    drv = LibvirtDriver("qemu:///system", tmp_path, conn=object())
+    members = [n for n, _ in inspect.getmembers(HypervisorDriver) if not n.startswith("_")]
+    assert "begin_cycle" in members and "complete_cycle" in members
+    for name in members:
+        assert hasattr(drv, name), name
+        ours, theirs = getattr(LibvirtDriver, name, None), getattr(HypervisorDriver, name)
+        if callable(theirs):
+            assert list(inspect.signature(ours).parameters)[:len(inspect.signature(theirs).parameters)] == \
+                list(inspect.signature(theirs).parameters), name
+    assert drv.uri == "qemu:///system"
