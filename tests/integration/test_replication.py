@@ -68,7 +68,7 @@ def test_seed_then_extent_then_hash_scan(tmp_path: Path, pki: dict[str, tls.Iden
     state = tmp_path / "state"
     with running_agent(tmp_path / "store", pki["agent"]) as rx:
         ep = endpoint(rx)
-        seed = run_cycle(FullSource(img), ep, ctx, "vm1-d0", SenderOptions(state_dir=state))
+        seed = run_cycle(FullSource(img), ep, ctx, "vm1-d0", SenderOptions(state_dir=state, compress="on"))
         assert seed.digest == _digest(img)
         assert seed.point_id == "0000000001" and seed.kind == "seed"
         assert seed.data_blocks == 512 and seed.zero_blocks == 0  # zero blocks of an empty replica cost nothing

@@ -185,13 +185,17 @@ def test_sequence() -> None:
     seq.accept(StreamEnd(1, 1))
     seq.accept(SAMPLES[12])
     assert seq.state == ReceiverSequence.READY
-    # a joining stream may not send CYCLE_END
+    # a joining stream may not send CYCLE_END; after its STREAM_END it is idle again and
+    # may join the next cycle on the same connection
     seq2 = ReceiverSequence()
     seq2.accept(SAMPLES[0])
     seq2.accept(CycleBegin("c", None, 1, 2))
     seq2.accept(StreamEnd(0, 0))
-    with pytest.raises(ProtocolError, match="expected nothing more"):
+    with pytest.raises(ProtocolError, match="unexpected CYCLE_END frame in state ready"):
         seq2.accept(SAMPLES[12])
+    assert seq2.state == ReceiverSequence.READY
+    seq2.accept(CycleBegin("d", None, 1, 2))
+    assert seq2.state == ReceiverSequence.IN_CYCLE
 
 
 def test_error_maps_to_exceptions() -> None:

@@ -160,7 +160,9 @@ def replicate_cmd(
     schedule: str = typer.Option(None, "--schedule",
                                  help='Time-of-day limits, e.g. "08:00-18:00=10MiB/s, otherwise unlimited" '
                                       "(--bwlimit then sets the 'otherwise' rate)."),
-    no_compress: bool = typer.Option(False, "--no-compress", help="Send blocks uncompressed."),
+    compress: str = typer.Option("auto", "--compress",
+                                 help="on, off or auto (compress only while the link is the bottleneck)."),
+    no_compress: bool = typer.Option(False, "--no-compress", help="Send blocks uncompressed (--compress off)."),
     consistency: str = typer.Option("crash", "--consistency", help="crash or app."),
     state_dir: Path = typer.Option(None, "--state-dir", envvar="STANDBY_SENDER_STATE",
                                    help="Sender state directory (default ~/.local/state/standby/sender)."),
@@ -171,14 +173,15 @@ def replicate_cmd(
     a seed if the replica is empty, else a hash scan."""
     from standby.replication.changes import ExtentSource, FullSource, HashScanSource, read_extents_file
     from standby.replication.protocol import Consistency
-    from standby.replication.sender import Endpoint, SenderOptions, probe, run_cycle
+    from standby.replication.sender import Endpoint, SenderOptions, compress_mode, probe, run_cycle
     from standby.replication.tls import Identity, client_context
 
     if sum(bool(x) for x in (changed_extents, hash_scan, seed)) > 1:
         raise BadInput("choose one of --changed-extents, --hash-scan and --seed")
     endpoint = Endpoint.parse(to)
     ctx = client_context(Identity(cert, key, ca))
-    opts = SenderOptions(streams=streams, compress=not no_compress, schedule=_schedule(bwlimit, schedule),
+    opts = SenderOptions(streams=streams, compress="off" if no_compress else compress_mode(compress),
+                         schedule=_schedule(bwlimit, schedule),
                          state_dir=state_dir or Path.home() / ".local" / "state" / "standby" / "sender",
                          consistency=Consistency.from_label(consistency))
     if changed_extents:

@@ -58,6 +58,9 @@ class Extent:
 
 @runtime_checkable
 class BlockReader(Protocol):
+    """Reads blocks. A reader may also offer `prefetch(offset, length)`: a hint that the
+    range will be read soon (file readers start the kernel's read-ahead with it)."""
+
     def pread(self, offset: int, length: int) -> bytes: ...
 
     def close(self) -> None: ...
@@ -99,6 +102,14 @@ class FileReader:
             # sparse file shorter than the declared size; both read as zeros past EOF.
             data += bytes(length - len(data))
         return data
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Ask the kernel to start reading [offset, offset+length) into the page cache."""
+        if self.fd >= 0 and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -154,11 +165,14 @@ class _Image:
         assert self.fileobj is not None
         return FileObjectReader(self.fileobj, self._lock)
 
-    def data_regions(self, start: int, end: int) -> list[tuple[int, int, bool]]:
-        """Split [start, end) into (offset, length, is_hole) with SEEK_DATA/SEEK_HOLE."""
+    def data_regions(self, start: int, end: int, fd: int | None = None) -> list[tuple[int, int, bool]]:
+        """Split [start, end) into (offset, length, is_hole) with SEEK_DATA/SEEK_HOLE
+        (on `fd` when given: one descriptor for a whole list of extents)."""
         if self.path is None or not hasattr(os, "SEEK_DATA"):
             return [(start, end - start, False)]
-        fd = os.open(self.path, os.O_RDONLY)
+        own = fd is None
+        if fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
         try:
             file_end = os.fstat(fd).st_size
             out: list[tuple[int, int, bool]] = []
@@ -184,7 +198,8 @@ class _Image:
                 pos = stop
             return out
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
 
 
 def _file_size(path: Path) -> int:
@@ -192,9 +207,10 @@ def _file_size(path: Path) -> int:
         return f.seek(0, os.SEEK_END)
 
 
-def _split_holes(image: _Image, offset: int, length: int, known: bool, block_size: int) -> Iterator[Extent]:
+def _split_holes(image: _Image, offset: int, length: int, known: bool, block_size: int,
+                 fd: int | None = None) -> Iterator[Extent]:
     """Cut a block-aligned extent at hole boundaries, keeping only whole-block holes."""
-    regions = image.data_regions(offset, offset + length)
+    regions = image.data_regions(offset, offset + length, fd)
     if len(regions) == 1 and not regions[0][2]:
         yield Extent(offset, length, known)
         return
@@ -334,8 +350,18 @@ class ExtentSource(_ImageSource):
         self._extents = align_extents(extents, self.size, block_size)
 
     def extents(self) -> Iterator[Extent]:
-        for offset, length in self._extents:
-            yield from _split_holes(self.image, offset, length, True, self.block_size)
+        fd = None
+        if self.image.path is not None and len(self._extents) > 1:
+            try:
+                fd = os.open(self.image.path, os.O_RDONLY)
+            except OSError:
+                fd = None
+        try:
+            for offset, length in self._extents:
+                yield from _split_holes(self.image, offset, length, True, self.block_size, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def total_bytes(self) -> int:
         return sum(length for _, length in self._extents)

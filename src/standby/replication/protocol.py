@@ -78,8 +78,12 @@ Frame types and payloads
 Order
 -----
 A sender connection goes: HELLO -> (HASH_REQUEST)* -> CYCLE_BEGIN -> (DATA | ZERO_RUN)*
--> STREAM_END -> [stream 0: CYCLE_END -> back to the idle state for another cycle or a
-close]. The receiver enforces this with `ReceiverSequence`; any frame out of order is a
+-> STREAM_END -> [stream 0: CYCLE_END] -> back to the idle state (HASH_REQUEST or
+CYCLE_BEGIN) for another cycle of the same disk, or a close: streams 1..n-1 return to it
+after their STREAM_END, stream 0 after its CYCLE_END, so a sender keeps its connections
+from cycle to cycle (a stream may take another index in a later cycle). A sender need
+not wait for ACK BEGUN before it sends its DATA: the receiver answers every frame in
+order. The receiver enforces this with `ReceiverSequence`; any frame out of order is a
 ProtocolError, answered by ERROR and a close. The staged blocks of a broken cycle stay
 staged (a seed resumes from them), and no recovery point changes.
 
@@ -575,9 +579,13 @@ class Data(Message):
 
 def encode_data(offset: int, raw_length: int, checksum: bytes, body: bytes, compressed: bool) -> bytes:
     """The hot path's encoder: one bytes object, header and payload, no dataclass."""
-    payload_len = _DATA_HEAD.size + len(body)
-    head = _frame_head(FrameType.DATA, FLAG_COMPRESSED if compressed else 0, payload_len)
-    return b"".join((head, _DATA_HEAD.pack(offset, raw_length, checksum), body))
+    return data_header(offset, raw_length, checksum, len(body), compressed) + body
+
+
+def data_header(offset: int, raw_length: int, checksum: bytes, body_length: int, compressed: bool) -> bytes:
+    """The 44 bytes of a DATA frame before its body (a sender appends the body itself)."""
+    return _frame_head(FrameType.DATA, FLAG_COMPRESSED if compressed else 0,
+                       _DATA_HEAD.size + body_length) + _DATA_HEAD.pack(offset, raw_length, checksum)
 
 
 @dataclass(frozen=True)
@@ -854,8 +862,6 @@ class ReceiverSequence:
             self.state = self.CLOSED
             return
         allowed = self._ALLOWED[self.state]
-        if self.state == self.STREAM_ENDED and self.stream_index != 0:
-            allowed = set()
         if ftype not in allowed:
             expected = " or ".join(sorted(t.name for t in allowed)) or "nothing more (close)"
             raise ProtocolError(f"unexpected {ftype.name} frame in state {self.state}; expected {expected}")
@@ -866,6 +872,7 @@ class ReceiverSequence:
             self.stream_index = msg.stream_index
             self.state = self.IN_CYCLE
         elif ftype is FrameType.STREAM_END:
-            self.state = self.STREAM_ENDED
+            # stream 0 ends the cycle with CYCLE_END; the others are done with this cycle
+            self.state = self.STREAM_ENDED if self.stream_index == 0 else self.READY
         elif ftype is FrameType.CYCLE_END:
             self.state = self.READY

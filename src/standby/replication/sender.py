@@ -1,41 +1,70 @@
 """The sender: read, hash, compress and ship one replication cycle of one disk.
 
-This module is the data plane's hot path; `run_cycle` can be benchmarked alone.
+This module is the data plane's hot path; `run_cycle` can be benchmarked alone
+(`bench_hot_loop` measures the read-zero-hash-compress loop without a network).
 
 One cycle
 ---------
 1. Stream 0 connects (mutual TLS), says HELLO, learns the replica's latest point (id and
    disk digest) and any staged, unfinished cycle.
 2. Baseline: the replica's per-block digests at its latest point. The sender's state
-   file (`SenderState`, saved after every acknowledged point) is used when its digest
-   equals the replica's; otherwise the table is fetched (HASH_REQUEST, 16 bytes per
-   64 KiB block, 1/4096 of the disk); a replica without points is all zeros.
-3. CYCLE_BEGIN on stream 0 (the agent answers with the blocks already staged when a
-   seed resumes), then streams 1..n-1 join the cycle.
-4. The change source's extents are cut into chunks of `chunk_blocks` blocks and fed to
-   a bounded queue; one worker thread per stream takes chunks and, per block: reads it
-   (its own descriptor, pread), detects zeros, digests it (xxh3-128), skips it when the
-   digest equals the baseline (or when the agent already staged it for a resumed seed),
+   (`SenderState`: the digest table of the last acknowledged point) is used when its
+   digest equals the replica's; otherwise the table is fetched (HASH_REQUEST, 16 bytes
+   per 64 KiB block, 1/4096 of the disk); a replica without points is all zeros.
+3. CYCLE_BEGIN on stream 0, and streams 1..n-1 join the cycle (connecting in parallel
+   and resuming stream 0's TLS session). A seed waits for stream 0's ACK BEGUN (it names
+   the blocks already staged when a seed resumes); other cycles do not wait: their DATA
+   follows CYCLE_BEGIN at once and the ACK BEGUN is read before the ACK STREAM.
+4. The change source's extents are cut into work items of at most `chunk_blocks` blocks
+   (runs of blocks: a sparse delta's scattered blocks share items) fed to a bounded
+   queue; the feeder asks the kernel to read each item ahead (`prefetch`) as it queues
+   it. One worker thread per stream takes items and, per block: reads it (its own
+   descriptor, pread), detects zeros, digests it (xxh3-128), skips it when the digest
+   equals the baseline (or when the agent already staged it for a resumed seed),
    coalesces zero blocks into ZERO_RUN frames, compresses the others with its own zstd
-   compressor (level 1; sent raw when the block does not shrink, and after a run of
-   incompressible blocks compression is tried only now and then), and writes DATA
-   frames into its own output buffer, flushed to its TLS connection at 256 KiB through
-   the shared bandwidth limiter. The new disk state's digest table is the baseline
-   with the examined blocks' digests replaced, so the disk digest needs no full read.
+   compressor (level 1) per the compression setting (below), and appends DATA frames to
+   its own output buffer, flushed to its TLS connection at 256 KiB through the shared
+   bandwidth limiter. The new disk state's digest table is the baseline with the
+   examined blocks' digests replaced, so the disk digest needs no full read.
 5. Each stream ends with STREAM_END and waits for its ACK (all its frames applied);
    then stream 0 sends CYCLE_END with the disk digest, and the agent commits the point
    only if its replica's digest equals it. The ACK names the new point; the sender
    saves its state (digest table and point id).
 
+Compression (`SenderOptions.compress`: "on", "off" or "auto"; True/False mean on/off)
+--------------------------------------------------------------------------------------
+"on" compresses every block (a block that does not shrink by 1/32 is sent raw, and
+after a run of such blocks compression is tried only now and then); "off" never.
+"auto" (the default) compresses only while the link is the bottleneck, like
+`zstd --adapt`: each stream measures, per window of 4 MiB of data blocks, its rate (raw
+bytes per second) and the share of time it spent blocked sending (TCP back-pressure or
+the bandwidth limiter). It starts uncompressed; when it is blocked for more than 30% of
+a window it tries one window compressed, keeps compressing if that was faster, and
+re-measures the other mode after 2, 4, ... 64 windows. A link faster than the
+compressor (loopback, LAN) is never back-pressured enough to be worth it, so the data
+goes raw; a WAN or a bandwidth limit gets compressed data.
+
+Persistent links
+----------------
+`AgentLink` keeps a disk's streams open between cycles (a long-running sender
+replicates the same disk every few minutes): no TCP or TLS handshake, no HELLO and no
+state file read per cycle; the agent returns every stream to the idle state after its
+ACK STREAM (stream 0 after ACK POINT). A link that was idle for more than `link_idle`
+seconds or whose connection the agent closed is reconnected; a cycle that fails on a
+reused link is retried once over fresh connections (a delta is idempotent). `run_cycle`
+is a one-shot link.
+
 Memory bound
 ------------
 Independent of the disk size, the data in flight on the sender is at most
-    streams x (queue depth 2 chunks of `chunk_blocks` descriptors (no data)
+    streams x (queue depth 2 work items of at most `chunk_blocks` runs (no data)
                + 1 raw block + 1 compressed block + 256 KiB output buffer)
 i.e. with the defaults (4 streams, 64 KiB blocks) about 4 x 400 KiB = 1.6 MiB, plus
-the kernel's socket buffers; TCP's flow control is the back-pressure: a slow agent
-blocks `sendall`, which stops the workers, which stops the reader. The digest tables
-(baseline and new) are 16 bytes per 64 KiB block each (2 x 1/4096 of the disk).
+the kernel's socket buffers and the page cache the read-ahead fills (the feeder asks
+for at most the queued items, 2 x streams x `chunk_blocks` blocks = 16 MiB, ahead of
+the workers); TCP's flow control is the back-pressure: a slow agent blocks `sendall`,
+which stops the workers, which stops the reader. The digest tables (baseline and new)
+are 16 bytes per 64 KiB block each (2 x 1/4096 of the disk). An idle link holds no data.
 
 Failure: any stream failing (network, agent ERROR) fails the cycle; nothing durable on
 the agent is lost (staged blocks of a seed stay staged, points are untouched), and the
@@ -48,11 +77,12 @@ import json
 import os
 import queue
 import secrets
+import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -62,7 +92,7 @@ import xxhash
 import zstandard
 
 from standby.domain.bandwidth import Schedule, TokenBucket
-from standby.errors import Conflict, IntegrityError, RemoteError, StandbyError
+from standby.errors import BadInput, Conflict, IntegrityError, RemoteError, StandbyError
 from standby.replication.changes import BlockReader, ChangeSource
 from standby.replication.digest import BLOCK_SIZE, DIGEST_SIZE, HashTable, zero_block_digest
 from standby.replication.protocol import (
@@ -84,14 +114,27 @@ from standby.replication.protocol import (
     StreamEnd,
     ZeroRun,
     check_id,
-    encode_data,
+    data_header,
     read_frame,
 )
 from standby.replication.tls import describe_tls_error
 
 FLUSH_BYTES = 256 * 1024
 DEFAULT_STREAMS = 4
-DEFAULT_CHUNK_BLOCKS = 16
+DEFAULT_CHUNK_BLOCKS = 32
+COMPRESS_MODES = ("on", "off", "auto")
+LINK_IDLE = 60.0  # seconds; agents drop idle connections after 120 s
+
+
+def compress_mode(value: bool | str) -> str:
+    """The compression setting as "on", "off" or "auto" (True/False mean on/off)."""
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value.lower() in COMPRESS_MODES:
+        return value.lower()
+    raise BadInput(f"compression must be one of {', '.join(COMPRESS_MODES)}, not {value!r}")
 
 
 # ---------------------------------------------------------------------------- limiter
@@ -138,12 +181,16 @@ class RateLimiter:
 
 
 @dataclass
+@dataclass
 class SenderState:
     """What the sender remembers of a disk between cycles: the digest table of the
     replica's latest acknowledged point, and the id of a seed cycle in progress.
 
     Files in `state_dir`: `<disk>.json` (point id, digest, size, pending seed) and
-    `<disk>.hashes` (the digest table, 16 bytes a block), both written atomically."""
+    `<disk>.hashes` (the digest table, 16 bytes a block), each replaced atomically
+    (temp file + rename). They are a cache, not a record: a table is used only when it
+    hashes to the digest in the json and that digest equals the replica's latest point's
+    digest, so they are not fsynced (a file lost in a crash costs one table fetch)."""
 
     disk_id: str
     size: int
@@ -183,7 +230,10 @@ class SenderState:
         state_dir.mkdir(parents=True, exist_ok=True)
         meta_path, table_path = self.paths(state_dir, self.disk_id)
         if self.table is not None:
-            self.table.save(table_path)
+            tmp = table_path.with_name(table_path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(self.table._table)
+            os.replace(tmp, table_path)
         tmp = meta_path.with_name(meta_path.name + ".tmp")
         tmp.write_text(json.dumps({"disk_id": self.disk_id, "size": self.size, "point_id": self.point_id,
                                    "digest": self.digest, "pending_seed": self.pending_seed,
@@ -225,7 +275,7 @@ class Channel:
             raise RemoteError(f"cannot connect to agent {endpoint}: {exc.strerror or exc}") from None
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # `session`: resume stream 0's TLS session (no second certificate exchange)
+            # `session`: resume an earlier TLS session (no second certificate exchange)
             self.sock = context.wrap_socket(raw, server_hostname=endpoint.host, session=session)
         except (ssl.SSLError, OSError) as exc:
             raw.close()
@@ -234,7 +284,9 @@ class Channel:
         self.rfile: BinaryIO = self.sock.makefile("rb", buffering=64 * 1024)
         self.out = bytearray()
         self.bytes_sent = 0
+        self.blocked = 0.0  # seconds spent in the limiter and in sendall
         self.closed = False
+        self.hello: HelloOk | None = None  # the agent's answer to this connection's HELLO
 
     def _fail(self, exc: BaseException, doing: str) -> StandbyError:
         if isinstance(exc, StandbyError):
@@ -248,9 +300,15 @@ class Channel:
     def queue(self, frame: bytes) -> None:
         self.out += frame
 
+    def queue_data(self, offset: int, raw_length: int, checksum: bytes, body: bytes, compressed: bool) -> None:
+        """Append a DATA frame without building it first (one copy of the body)."""
+        self.out += data_header(offset, raw_length, checksum, len(body), compressed)
+        self.out += body
+
     def flush(self, limiter: RateLimiter | None = None) -> None:
         if not self.out:
             return
+        t0 = time.perf_counter()
         if limiter is not None:
             limiter.consume(len(self.out))
         try:
@@ -258,6 +316,7 @@ class Channel:
         except (OSError, ssl.SSLError) as exc:
             # The agent may have sent an ERROR before closing: surface it.
             raise self._peer_error() or self._fail(exc, "connection lost while sending") from None
+        self.blocked += time.perf_counter() - t0
         self.bytes_sent += len(self.out)
         self.out.clear()
 
@@ -288,6 +347,19 @@ class Channel:
             raise RemoteError(f"agent {self.endpoint} answered {msg.TYPE.name}, expected "
                               f"{' or '.join(t.TYPE.name for t in expected)}")
         return msg
+
+    def reusable(self) -> bool:
+        """True when the idle connection still looks usable: open, nothing unread (an
+        agent that closed it, or sent anything unasked, makes it readable)."""
+        if self.closed or self.out:
+            return False
+        try:
+            if self.sock.pending():
+                return False
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
 
     def close(self) -> None:
         if self.closed:
@@ -353,17 +425,91 @@ class _Compressor:
         return None
 
 
-def send_blocks(chan: Channel, work: queue.Queue[tuple[int, int, bool] | None], reader: BlockReader,
+class AdaptiveCompression:
+    """The "auto" policy of one stream (see the module doc): compress while that is
+    faster, which it is only while the link is the bottleneck. Kept by an `AgentLink`
+    across cycles, so a slow link is known from the start of the next cycle."""
+
+    WINDOW = 4 * 1024 * 1024  # raw bytes of data blocks per measurement
+    BUSY = 0.3  # share of a window blocked in sending that makes compression worth a try
+    GAIN = 1.05  # a probed mode must be this much faster to be kept
+    MAX_HOLD = 64
+
+    def __init__(self) -> None:
+        self.on = False
+        self.rate: dict[bool, float] = {}
+        self.hold = 1  # windows to stay in the current mode before probing the other
+        self.count = 0
+        self.probing = False
+        self.windows = 0
+        self._t0 = 0.0
+        self._b0 = 0.0
+        self._raw = 0
+
+    def start(self, chan: Any) -> None:
+        """Open a window (at the start of a cycle: idle time between cycles is no rate)."""
+        self._t0 = time.perf_counter()
+        self._b0 = chan.blocked
+        self._raw = 0
+
+    def account(self, chan: Any, raw: int) -> None:
+        self._raw += raw
+        if self._raw < self.WINDOW:
+            return
+        now = time.perf_counter()
+        wall = max(now - self._t0, 1e-9)
+        self.decide(self._raw / wall, (chan.blocked - self._b0) / wall)
+        self._t0, self._b0, self._raw = now, chan.blocked, 0
+
+    def decide(self, rate: float, busy: float) -> None:
+        """One window's rate (raw bytes/s) and blocked share, measured in mode `on`."""
+        self.windows += 1
+        mode = self.on
+        prev = self.rate.get(mode)
+        self.rate[mode] = rate if self.probing or prev is None else (prev + rate) / 2
+        if self.probing:
+            self.probing = False
+            self.count = 0
+            other = self.rate.get(not mode)
+            if other is not None and rate < other * self.GAIN:
+                self.on = not mode  # the probe lost: back to the other mode, probe less often
+                self.hold = min(self.hold * 2, self.MAX_HOLD)
+            else:
+                self.hold = 2
+            return
+        self.count += 1
+        if not mode and busy < self.BUSY:
+            self.count = 0  # the link keeps up with raw data: compressing cannot help
+            return
+        if self.count >= self.hold:
+            self.on = not mode
+            self.probing = True
+            self.count = 0
+
+
+WorkItem = tuple[tuple[int, int, bool], ...]  # runs of (first block, count, is_hole)
+
+
+def send_blocks(chan: Channel, work: queue.Queue[WorkItem | None], reader: BlockReader,
                 size: int, baseline: HashTable, table: HashTable, staged: frozenset[int],
-                stats: StreamStats, *, compress: bool = True, limiter: RateLimiter | None = None,
+                stats: StreamStats, *, compress: bool | str = "auto", limiter: RateLimiter | None = None,
                 progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
-                block_size: int = BLOCK_SIZE) -> None:
-    """The hot loop of one stream: take chunks (first block, count, is_hole) off `work`
-    until None, and queue/flush DATA and ZERO_RUN frames on `chan`."""
-    comp = _Compressor(compress)
+                block_size: int = BLOCK_SIZE, adapt: AdaptiveCompression | None = None) -> None:
+    """The hot loop of one stream: take work items (runs of blocks) off `work` until
+    None, and queue/flush DATA and ZERO_RUN frames on `chan`."""
+    mode = compress_mode(compress)
+    comp = _Compressor(mode != "off")
+    if mode == "auto":
+        adapt = adapt or AdaptiveCompression()
+        adapt.start(chan)
+    else:
+        adapt = None
     zero_full = bytes(block_size)
     zero_digest_full = zero_block_digest(block_size)
     digest = xxhash.xxh3_128_digest
+    base = baseline._table
+    new = table._table
+    pread = reader.pread
     run_start = -1  # byte offset of the pending zero run
     run_len = 0
 
@@ -384,60 +530,118 @@ def send_blocks(chan: Channel, work: queue.Queue[tuple[int, int, bool] | None], 
             break
         if cancel is not None and cancel.is_set():
             break
-        first, count, hole = item
-        examined = 0
-        for i in range(first, first + count):
-            offset = i * block_size
-            length = block_size if offset + block_size <= size else size - offset
-            examined += length
-            if hole:
-                is_zero = True
-                d = zero_digest_full if length == block_size else zero_block_digest(length)
-                data = b""
-            else:
-                data = reader.pread(offset, length)
-                stats.bytes_read += length
-                if length == block_size:
-                    is_zero = data == zero_full
-                    d = zero_digest_full if is_zero else digest(data)
+        examined = read = skipped = 0
+        for first, count, hole in item:
+            for i in range(first, first + count):
+                offset = i * block_size
+                length = block_size if offset + block_size <= size else size - offset
+                examined += length
+                if hole:
+                    is_zero = True
+                    d = zero_digest_full if length == block_size else zero_block_digest(length)
+                    data = b""
                 else:
-                    is_zero = data == zero_full[:length]
-                    d = zero_block_digest(length) if is_zero else digest(data)
-            if d == baseline.get(i):
-                stats.skipped_blocks += 1
-                flush_run()
-                continue
-            table.set(i, d)
-            if i in staged:
-                stats.resumed_blocks += 1
-                flush_run()
-                continue
-            if is_zero:
-                stats.zero_blocks += 1
-                if run_len and run_start + run_len == offset:
-                    run_len += length
-                else:
+                    data = pread(offset, length)
+                    read += length
+                    if length == block_size:
+                        is_zero = data == zero_full
+                        d = zero_digest_full if is_zero else digest(data)
+                    else:
+                        is_zero = data == zero_full[:length]
+                        d = zero_block_digest(length) if is_zero else digest(data)
+                j = i * DIGEST_SIZE
+                if base[j:j + DIGEST_SIZE] == d:
+                    skipped += 1
+                    if run_len:
+                        flush_run()
+                    continue
+                new[j:j + DIGEST_SIZE] = d
+                if i in staged:
+                    stats.resumed_blocks += 1
+                    if run_len:
+                        flush_run()
+                    continue
+                if is_zero:
+                    stats.zero_blocks += 1
+                    if run_len and run_start + run_len == offset:
+                        run_len += length
+                    else:
+                        flush_run()
+                        run_start, run_len = offset, length
+                    continue
+                if run_len:
                     flush_run()
-                    run_start, run_len = offset, length
-                continue
-            flush_run()
-            body = comp.compress(data)
-            stats.data_blocks += 1
-            stats.raw_bytes += length
-            if body is None:
-                chan.queue(encode_data(offset, length, d, data, False))
-                stats.payload_bytes += length
-            else:
-                stats.compressed_blocks += 1
-                chan.queue(encode_data(offset, length, d, body, True))
-                stats.payload_bytes += len(body)
-            if len(chan.out) >= FLUSH_BYTES:
-                chan.flush(limiter)
+                body = comp.compress(data) if adapt is None or adapt.on else None
+                stats.data_blocks += 1
+                stats.raw_bytes += length
+                if body is None:
+                    chan.queue_data(offset, length, d, data, False)
+                    stats.payload_bytes += length
+                else:
+                    stats.compressed_blocks += 1
+                    chan.queue_data(offset, length, d, body, True)
+                    stats.payload_bytes += len(body)
+                if len(chan.out) >= FLUSH_BYTES:
+                    chan.flush(limiter)
+                if adapt is not None:
+                    adapt.account(chan, length)
         stats.bytes_examined += examined
+        stats.bytes_read += read
+        stats.skipped_blocks += skipped
         if progress is not None:
             progress(examined)
     flush_run()
     chan.flush(limiter)
+
+
+def work_items(source: ChangeSource, chunk_blocks: int) -> Iterator[WorkItem]:
+    """Cut the source's extents into work items of at most `chunk_blocks` blocks: a long
+    extent makes several items, scattered small extents share one."""
+    bs = source.block_size
+    chunk = max(1, chunk_blocks)
+    runs: list[tuple[int, int, bool]] = []
+    blocks = 0
+    for ext in source.extents():
+        i = ext.offset // bs
+        last = (ext.end + bs - 1) // bs
+        while i < last:
+            n = min(chunk - blocks, last - i)
+            runs.append((i, n, ext.hole))
+            blocks += n
+            i += n
+            if blocks >= chunk:
+                yield tuple(runs)
+                runs, blocks = [], 0
+    if runs:
+        yield tuple(runs)
+
+
+class _Prefetcher:
+    """Asks the kernel to read a work item's data ahead of the workers (page cache)."""
+
+    def __init__(self, source: ChangeSource) -> None:
+        self.reader: BlockReader | None = None
+        self.fn: Callable[[int, int], None] | None = None
+        try:
+            reader = source.open_reader()
+        except (OSError, StandbyError):
+            return
+        fn = getattr(reader, "prefetch", None)
+        if callable(fn):
+            self.reader, self.fn = reader, fn
+        else:
+            reader.close()
+
+    def __call__(self, item: WorkItem, block_size: int) -> None:
+        if self.fn is None:
+            return
+        for first, count, hole in item:
+            if not hole:
+                self.fn(first * block_size, count * block_size)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
 # ---------------------------------------------------------------------------- the cycle
@@ -466,6 +670,8 @@ class CycleResult:
     baseline_from: str
     seconds: float
     throttled_seconds: float = 0.0
+    compressed_blocks: int = 0
+    reused_link: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -483,7 +689,7 @@ class CycleResult:
 @dataclass
 class SenderOptions:
     streams: int = DEFAULT_STREAMS
-    compress: bool = True
+    compress: bool | str = "auto"  # "on", "off", "auto" (True/False: on/off); see the module doc
     chunk_blocks: int = DEFAULT_CHUNK_BLOCKS
     schedule: Schedule | None = None
     timeout: float = 60.0
@@ -492,6 +698,7 @@ class SenderOptions:
     created_at: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     limiter: RateLimiter | None = None
+    link_idle: float = LINK_IDLE
 
 
 def _fetch_table(chan: Channel, size: int, expected_digest: bytes | None) -> HashTable:
@@ -549,49 +756,140 @@ def probe(endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str, size:
 def run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str,
               options: SenderOptions | None = None,
               progress: Callable[[int], None] | None = None) -> CycleResult:
-    """Replicate one cycle of `source` to the agent at `endpoint` as disk `disk_id`.
+    """Replicate one cycle of `source` to the agent at `endpoint` as disk `disk_id` (a
+    one-shot `AgentLink`: connects, replicates, hangs up).
 
     A resumed seed whose staged blocks no longer match the source (the image changed
     between the attempts) fails the agent's digest check; the agent then discards the
     staging and the seed is run once more from the start."""
-    resumed = [False]
-    try:
-        return _run_cycle(source, endpoint, context, disk_id, options, progress, resumed, fresh=False)
-    except IntegrityError:
-        if not resumed[0]:
+    with AgentLink(endpoint, context, disk_id, options) as link:
+        return link.run_cycle(source, progress)
+
+
+class AgentLink:
+    """A disk's replication streams to one agent, kept open between cycles.
+
+    Not thread-safe: one cycle at a time. `close()` (or the context manager) hangs up."""
+
+    def __init__(self, endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str,
+                 options: SenderOptions | None = None) -> None:
+        self.opts = options or SenderOptions()
+        check_id(disk_id, "disk id")
+        if not 1 <= self.opts.streams <= 64:
+            raise BadInput(f"streams must be 1..64, not {self.opts.streams}")
+        compress_mode(self.opts.compress)
+        self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
+        self.context = context
+        self.disk_id = disk_id
+        self.channels: list[Channel] = []  # by stream index; empty while disconnected
+        self.size: int | None = None
+        self.latest: str | None = None  # the replica's latest point, as this link knows it
+        self.latest_digest: bytes | None = None
+        self.resume_cycle: str | None = None
+        self.resume_base: str | None = None
+        self.state: SenderState | None = None
+        self.adapt = [AdaptiveCompression() for _ in range(self.opts.streams)]
+        self.tls_session: ssl.SSLSession | None = None
+        self.idle_since = 0.0
+        self.cycles = 0  # committed over this link
+
+    def __enter__(self) -> AgentLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for c in self.channels:
+            c.close()
+        self.channels = []
+
+    def _reusable(self) -> bool:
+        return (len(self.channels) == self.opts.streams and time.monotonic() - self.idle_since <= self.opts.link_idle
+                and all(c.reusable() for c in self.channels))
+
+    def run_cycle(self, source: ChangeSource, progress: Callable[[int], None] | None = None) -> CycleResult:
+        """Replicate one cycle of `source` (see the module doc)."""
+        resumed = [False]
+        try:
+            return self._attempt(source, progress, resumed, fresh=False)
+        except IntegrityError:
+            if not resumed[0]:
+                raise
+            return self._attempt(source, progress, resumed, fresh=True)
+
+    def _attempt(self, source: ChangeSource, progress: Callable[[int], None] | None, resumed: list[bool],
+                 fresh: bool) -> CycleResult:
+        reused = self._reusable()
+        if not reused:
+            self.close()
+        try:
+            return self._cycle(source, progress, resumed, fresh, reused)
+        except BaseException as exc:
+            self.close()
+            if not (reused and isinstance(exc, (RemoteError, Conflict)) and source.kind is not CycleKind.SEED):
+                raise
+        # A reused connection failed (the agent restarted or dropped it, or the replica
+        # moved): once more over fresh connections; a delta or a scan is idempotent.
+        try:
+            return self._cycle(source, progress, resumed, fresh, False)
+        except BaseException:
+            self.close()
             raise
-        return _run_cycle(source, endpoint, context, disk_id, options, progress, resumed, fresh=True)
 
+    def _connect(self, index: int, size: int, block_size: int) -> Channel:
+        chan = Channel(self.endpoint, self.context, self.opts.timeout, self.tls_session)
+        try:
+            chan.send(Hello(self.disk_id, size, block_size))
+            hello = chan.recv(HelloOk)
+            assert isinstance(hello, HelloOk)
+            _read_resume(chan, hello.resume_frames, HashTable(size, block_size=block_size).n_blocks)
+            if hello.replica_size and hello.replica_size != size:
+                raise Conflict(f"the replica of disk {self.disk_id} is {hello.replica_size} bytes, the source "
+                               f"{size}: resizing a protected disk is not supported")
+            chan.hello = hello
+            if index == 0:
+                self.tls_session = chan.sock.session
+        except BaseException:
+            chan.close()
+            raise
+        return chan
 
-def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLContext, disk_id: str,
-               options: SenderOptions | None, progress: Callable[[int], None] | None, resumed: list[bool],
-               fresh: bool) -> CycleResult:
-    opts = options or SenderOptions()
-    check_id(disk_id, "disk id")
-    if isinstance(endpoint, str):
-        endpoint = Endpoint.parse(endpoint)
-    if not 1 <= opts.streams <= 64:
-        from standby.errors import BadInput
-
-        raise BadInput(f"streams must be 1..64, not {opts.streams}")
-    size = source.size
-    limiter = opts.limiter or RateLimiter(opts.schedule)
-    started = time.perf_counter()
-    state = SenderState.load(opts.state_dir, disk_id, size)
-    channels: list[Channel] = []
-    try:
-        chan0 = Channel(endpoint, context, opts.timeout)
-        channels.append(chan0)
-        chan0.send(Hello(disk_id, size, source.block_size))
-        hello = chan0.recv(HelloOk)
-        assert isinstance(hello, HelloOk)
-        n_blocks = HashTable(size).n_blocks
-        hello_staged = _read_resume(chan0, hello.resume_frames, n_blocks)
-        if hello.replica_size and hello.replica_size != size:
-            raise Conflict(f"the replica of disk {disk_id} is {hello.replica_size} bytes, the source "
-                           f"{size}: resizing a protected disk is not supported")
-        latest, latest_digest = hello.latest_point, hello.latest_digest
+    def _cycle(self, source: ChangeSource, progress: Callable[[int], None] | None, resumed: list[bool],
+               fresh: bool, reused: bool) -> CycleResult:
+        opts = self.opts
+        disk_id, endpoint = self.disk_id, self.endpoint
+        size, block_size = source.size, source.block_size
+        nstreams = opts.streams
+        limiter = opts.limiter or RateLimiter(opts.schedule)
+        started = time.perf_counter()
+        if self.state is None or self.state.size != size:
+            self.state = SenderState.load(opts.state_dir, disk_id, size)
+        state = self.state
+        n_blocks = HashTable(size, block_size=block_size).n_blocks
         kind = source.kind
+        if reused and self.size != size:
+            raise Conflict(f"the replica of disk {disk_id} is {self.size} bytes, the source "
+                           f"{size}: resizing a protected disk is not supported")
+        channels: list[Channel | None] = list(self.channels) if reused else [None] * nstreams
+        if not reused:
+            self.close()
+            chan0 = self._connect(0, size, block_size)
+            channels[0] = chan0
+            self.channels = [chan0]
+            hello = chan0.hello
+            assert hello is not None
+            if self.cycles and kind is CycleKind.EXTENTS and hello.latest_point != self.latest:
+                raise Conflict(f"the replica of disk {disk_id} is at point {hello.latest_point}, not at "
+                               f"{self.latest} which these changed extents follow: resynchronize "
+                               "with a hash scan")
+            self.size = size
+            self.latest, self.latest_digest = hello.latest_point, hello.latest_digest
+            self.resume_cycle, self.resume_base = hello.resume_cycle, hello.resume_base
+        chan0 = channels[0]
+        assert chan0 is not None
+        sent_before = [c.bytes_sent if c is not None else 0 for c in channels]
+        latest, latest_digest = self.latest, self.latest_digest
         if kind is CycleKind.SEED and latest is not None:
             raise Conflict(f"disk {disk_id} already has recovery point {latest} on the agent; "
                            "a seed is for an empty replica: use --hash-scan or --changed-extents")
@@ -601,7 +899,7 @@ def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLC
 
         # Baseline: the replica's digests at its latest point.
         if latest is None:
-            baseline, baseline_from = HashTable(size), "empty replica"
+            baseline, baseline_from = HashTable(size, block_size=block_size), "empty replica"
         elif state.table is not None and latest_digest is not None and state.table.disk_digest() == latest_digest:
             baseline, baseline_from = state.table, "sender state"
         else:
@@ -610,8 +908,8 @@ def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLC
         # Cycle id: resume an unfinished seed, else a fresh one.
         cycle_id = None
         if kind is CycleKind.SEED and not fresh:
-            if hello.resume_cycle and hello.resume_base is None:
-                cycle_id = hello.resume_cycle
+            if self.resume_cycle and self.resume_base is None:
+                cycle_id = self.resume_cycle
             elif state.pending_seed:
                 cycle_id = state.pending_seed
         if cycle_id is None:
@@ -620,66 +918,48 @@ def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLC
             state.pending_seed = cycle_id
             state.save(opts.state_dir)
 
-        chan0.send(CycleBegin(cycle_id, latest, 0, opts.streams, kind))
-        ack = chan0.recv(Ack)
-        assert isinstance(ack, Ack)
-        if ack.kind is not AckKind.BEGUN:
-            raise RemoteError(f"agent {endpoint} answered CYCLE_BEGIN with ACK {ack.kind.name}")
-        staged = _read_resume(chan0, ack.count, n_blocks)
-        if kind is not CycleKind.SEED:
-            staged = set()  # only a seed resumes: a delta's staged blocks may be stale
+        # Stream 0 opens the cycle. Only a seed waits for the answer (the staged blocks it
+        # may skip); other cycles send their data at once and read ACK BEGUN later.
+        chan0.send(CycleBegin(cycle_id, latest, 0, nstreams, kind))
+        begun_pending = [True] * nstreams
+        staged: set[int] = set()
+        if kind is CycleKind.SEED:
+            staged = self._read_begun(chan0, n_blocks)
+            begun_pending[0] = False
         resumed[0] = bool(staged)
-        del hello_staged
-
-        # Streams 1..n-1 join the cycle, connecting in parallel and resuming stream 0's
-        # TLS session.
-        tls_session = chan0.sock.session if chan0.sock.session is not None else None
-        joined: list[Channel | None] = [None] * opts.streams
-        join_errors: list[BaseException] = []
-
-        def join(index: int) -> None:
-            try:
-                chan = Channel(endpoint, context, opts.timeout, tls_session)
-                joined[index] = chan
-                chan.send(Hello(disk_id, size, source.block_size))
-                h = chan.recv(HelloOk)
-                assert isinstance(h, HelloOk)
-                _read_resume(chan, h.resume_frames, n_blocks)
-                chan.send(CycleBegin(cycle_id, latest, index, opts.streams, kind))
-                a = chan.recv(Ack)
-                assert isinstance(a, Ack)
-                _read_resume(chan, a.count, n_blocks)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                join_errors.append(exc)
-
-        joiners = [threading.Thread(target=join, args=(i,), daemon=True) for i in range(1, opts.streams)]
-        for t in joiners:
-            t.start()
-        for t in joiners:
-            t.join()
-        channels.extend(c for c in joined[1:] if c is not None)
-        if join_errors:
-            raise _first_meaningful(join_errors)
+        frozen_staged = frozenset(staged)
 
         table = baseline.copy()
-        stats = [StreamStats() for _ in channels]
+        stats = [StreamStats() for _ in range(nstreams)]
         errors: list[BaseException] = []
         cancel = threading.Event()
-        work: queue.Queue[tuple[int, int, bool] | None] = queue.Queue(maxsize=2 * len(channels))
-        frozen_staged = frozenset(staged)
-        block_size = source.block_size
+        work: queue.Queue[WorkItem | None] = queue.Queue(maxsize=2 * nstreams)
+        lock = threading.Lock()
 
         def worker(idx: int) -> None:
-            chan = channels[idx]
-            reader = source.open_reader()
+            reader = None
             try:
+                chan = channels[idx]
+                if chan is None:
+                    # streams 1..n-1 connect in parallel, resuming stream 0's TLS session
+                    chan = self._connect(idx, size, block_size)
+                    with lock:
+                        channels[idx] = chan
+                    if cancel.is_set():
+                        chan.abort()
+                        return
+                if idx:
+                    chan.send(CycleBegin(cycle_id, latest, idx, nstreams, kind))
+                reader = source.open_reader()
                 send_blocks(chan, work, reader, size, baseline, table, frozen_staged, stats[idx],
                             compress=opts.compress, limiter=limiter, progress=progress, cancel=cancel,
-                            block_size=block_size)
+                            block_size=block_size, adapt=self.adapt[idx])
                 if cancel.is_set():
                     return
                 st = stats[idx]
                 chan.send(StreamEnd(st.data_blocks, st.zero_blocks))
+                if begun_pending[idx]:
+                    self._read_begun(chan, n_blocks)
                 a = chan.recv(Ack)
                 assert isinstance(a, Ack)
                 if a.kind is not AckKind.STREAM or a.value != st.data_blocks + st.zero_blocks:
@@ -688,7 +968,9 @@ def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLC
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 errors.append(exc)
                 cancel.set()
-                for c in channels:
+                with lock:
+                    live = [c for c in channels if c is not None]
+                for c in live:
                     c.abort()
                 while True:  # unblock the feeder
                     try:
@@ -696,32 +978,27 @@ def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLC
                     except queue.Empty:
                         break
             finally:
-                reader.close()
+                if reader is not None:
+                    reader.close()
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"sender-{disk_id}-{i}", daemon=True)
-                   for i in range(len(channels))]
+                   for i in range(nstreams)]
         for t in threads:
             t.start()
-        chunk = max(1, opts.chunk_blocks)
+        prefetch = _Prefetcher(source)
         try:
-            for ext in source.extents():
-                first = ext.offset // block_size
-                last = (ext.end + block_size - 1) // block_size
-                i = first
-                while i < last:
-                    n = min(chunk, last - i)
-                    while not cancel.is_set():
-                        try:
-                            work.put((i, n, ext.hole), timeout=0.2)
-                            break
-                        except queue.Full:
-                            continue
-                    if cancel.is_set():
+            for item in work_items(source, opts.chunk_blocks):
+                prefetch(item, block_size)
+                while not cancel.is_set():
+                    try:
+                        work.put(item, timeout=0.2)
                         break
-                    i += n
+                    except queue.Full:
+                        continue
                 if cancel.is_set():
                     break
         finally:
+            prefetch.close()
             for _ in threads:
                 while True:
                     try:
@@ -732,6 +1009,7 @@ def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLC
                             break
             for t in threads:
                 t.join()
+            self.channels = [c for c in channels if c is not None]
         if errors:
             raise _first_meaningful(errors)
 
@@ -748,20 +1026,30 @@ def _run_cycle(source: ChangeSource, endpoint: Endpoint | str, context: ssl.SSLC
         assert isinstance(ack, Ack)
         if ack.kind is not AckKind.POINT or not ack.text:
             raise RemoteError(f"agent {endpoint} answered CYCLE_END with ACK {ack.kind.name}")
+        self.latest, self.latest_digest = ack.text, disk_digest
+        self.resume_cycle = self.resume_base = None
+        self.cycles += 1
+        self.idle_since = time.monotonic()
         state.point_id, state.digest, state.table, state.pending_seed = ack.text, disk_digest.hex(), table, None
         state.save(opts.state_dir)
         elapsed = time.perf_counter() - started
+        chans = [c for c in channels if c is not None]
         return CycleResult(
             disk_id=disk_id, kind=kind.name.lower(), point_id=ack.text, point_seq=ack.value, base_point=latest,
-            cycle_id=cycle_id, resumed=bool(staged), digest=disk_digest.hex(), size=size, streams=len(channels),
+            cycle_id=cycle_id, resumed=bool(staged), digest=disk_digest.hex(), size=size, streams=len(chans),
             bytes_examined=total.bytes_examined, bytes_read=total.bytes_read,
-            wire_bytes=sum(c.bytes_sent for c in channels), payload_bytes=total.payload_bytes,
-            data_blocks=total.data_blocks, zero_blocks=total.zero_blocks, skipped_blocks=total.skipped_blocks,
-            resumed_blocks=total.resumed_blocks, baseline_from=baseline_from, seconds=elapsed,
-            throttled_seconds=limiter.waited)
-    finally:
-        for c in channels:
-            c.close()
+            wire_bytes=sum(c.bytes_sent - b for c, b in zip(chans, sent_before)),
+            payload_bytes=total.payload_bytes, data_blocks=total.data_blocks, zero_blocks=total.zero_blocks,
+            skipped_blocks=total.skipped_blocks, resumed_blocks=total.resumed_blocks, baseline_from=baseline_from,
+            seconds=elapsed, throttled_seconds=limiter.waited, compressed_blocks=total.compressed_blocks,
+            reused_link=reused)
+
+    def _read_begun(self, chan: Channel, n_blocks: int) -> set[int]:
+        ack = chan.recv(Ack)
+        assert isinstance(ack, Ack)
+        if ack.kind is not AckKind.BEGUN:
+            raise RemoteError(f"agent {self.endpoint} answered CYCLE_BEGIN with ACK {ack.kind.name}")
+        return _read_resume(chan, ack.count, n_blocks)
 
 
 def _first_meaningful(errors: list[BaseException]) -> BaseException:
@@ -789,22 +1077,27 @@ class _NullChannel:
     def __init__(self) -> None:
         self.out = bytearray()
         self.bytes_sent = 0
+        self.blocked = 0.0
 
     def queue(self, frame: bytes) -> None:
         self.out += frame
+
+    def queue_data(self, offset: int, raw_length: int, checksum: bytes, body: bytes, compressed: bool) -> None:
+        self.out += data_header(offset, raw_length, checksum, len(body), compressed)
+        self.out += body
 
     def flush(self, limiter: RateLimiter | None = None) -> None:
         self.bytes_sent += len(self.out)
         self.out.clear()
 
 
-def bench_hot_loop(source: ChangeSource, threads: int = 2, compress: bool = True,
+def bench_hot_loop(source: ChangeSource, threads: int = 2, compress: bool | str = True,
                    chunk_blocks: int = DEFAULT_CHUNK_BLOCKS) -> dict[str, float]:
     """Run the read-zero-hash-compress-frame loop over `source` against an empty replica
     with `threads` workers and no network; return the figures (bytes/s of the disk)."""
     baseline = HashTable(source.size, block_size=source.block_size)
     table = baseline.copy()
-    work: queue.Queue[tuple[int, int, bool] | None] = queue.Queue(maxsize=2 * threads)
+    work: queue.Queue[WorkItem | None] = queue.Queue(maxsize=2 * threads)
     stats = [StreamStats() for _ in range(threads)]
     chans = [_NullChannel() for _ in range(threads)]
 
@@ -820,11 +1113,11 @@ def bench_hot_loop(source: ChangeSource, threads: int = 2, compress: bool = True
     t0 = time.perf_counter()
     for t in ts:
         t.start()
-    bs = source.block_size
-    for ext in source.extents():
-        first, last = ext.offset // bs, (ext.end + bs - 1) // bs
-        for i in range(first, last, chunk_blocks):
-            work.put((i, min(chunk_blocks, last - i), ext.hole))
+    prefetch = _Prefetcher(source)
+    for item in work_items(source, chunk_blocks):
+        prefetch(item, source.block_size)
+        work.put(item)
+    prefetch.close()
     for _ in ts:
         work.put(None)
     for t in ts:

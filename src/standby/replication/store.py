@@ -160,6 +160,7 @@ HASH_MAGIC_DELTA = b"SBYHDLT1"
 _DELTA_ENTRY = struct.Struct(">Q16s")
 
 CHECKPOINT_BYTES = 64 * 1024 * 1024
+CHECKPOINT_LAG = 4  # writers wait once this many checkpoint intervals are staged but not durable
 
 
 def _point_id(seq: int) -> str:
@@ -1043,6 +1044,12 @@ class CycleWriter:
         self._closed = False
         self._inflight = 0
         self._idle = threading.Condition(self._lock)
+        # background checkpoints: the receiving threads never wait for an fsync unless
+        # the checkpointer fell CHECKPOINT_LAG intervals behind (back-pressure)
+        self._ckpt_wanted = threading.Event()
+        self._ckpt_thread: threading.Thread | None = None
+        self._ckpt_stop = False
+        self._ckpt_error: BaseException | None = None
 
     # -- creation and resume -----------------------------------------------------------
     @classmethod
@@ -1250,9 +1257,38 @@ class CycleWriter:
         if self._closed:
             raise Conflict(f"cycle {self.cycle_id} is closed (committed, aborted or superseded)")
 
+    def _request_checkpoint(self) -> None:
+        """Ask the background checkpointer for a checkpoint (started on first use)."""
+        if self._ckpt_thread is None:
+            with self._lock:
+                if self._ckpt_thread is None and not self._closed:
+                    self._ckpt_thread = threading.Thread(target=self._checkpointer, daemon=True,
+                                                         name=f"checkpoint-{self.cycle_id}")
+                    self._ckpt_thread.start()
+        self._ckpt_wanted.set()
+
+    def _checkpointer(self) -> None:
+        while True:
+            self._ckpt_wanted.wait()
+            self._ckpt_wanted.clear()
+            if self._ckpt_stop:
+                return
+            try:
+                self.checkpoint()
+            except BaseException as e:  # noqa: BLE001 - raised to the writers
+                if not self._closed:
+                    self._ckpt_error = e
+                return
+
+    def _raise_checkpoint_error(self) -> None:
+        e = self._ckpt_error
+        if e is not None:
+            raise e
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Stage one whole block at `offset` (block aligned); thread-safe; the last write wins."""
         self._check_open()
+        self._raise_checkpoint_error()
         index, rem = divmod(offset, BLOCK_SIZE)
         if rem or not 0 <= index < self.disk.n_blocks:
             raise BadInput(f"block offset {offset} is not block aligned inside the disk")
@@ -1286,9 +1322,12 @@ class CycleWriter:
             self._pending.append(rec)
             self._pending_idx.append((index, 1))
             self._since_ckpt += CLUSTER_SIZE
-            due = self._since_ckpt >= self.checkpoint_bytes
-        if due:
-            self.checkpoint()
+            since = self._since_ckpt
+        if since >= self.checkpoint_bytes:
+            if since >= CHECKPOINT_LAG * self.checkpoint_bytes:
+                self.checkpoint()  # the background checkpoints fell behind: wait for one
+            else:
+                self._request_checkpoint()
 
     def write_zero(self, offset: int, length: int) -> None:
         """Stage a run of zero blocks (no data is stored); thread-safe."""
@@ -1308,6 +1347,7 @@ class CycleWriter:
 
     def checkpoint(self) -> None:
         """Make every block staged so far durable (data then journal) and add it to `received`."""
+        self._raise_checkpoint_error()
         with self._ckpt_lock:
             with self._lock:
                 self._check_open()
@@ -1357,6 +1397,11 @@ class CycleWriter:
 
     # -- internals ---------------------------------------------------------------------
     def _close(self) -> None:
+        t = self._ckpt_thread
+        if t is not None and t is not threading.current_thread():
+            self._ckpt_stop = True
+            self._ckpt_wanted.set()
+            t.join()
         with self._ckpt_lock:  # no checkpoint is using the descriptors
             with self._lock:
                 if self._closed:
