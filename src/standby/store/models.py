@@ -40,6 +40,9 @@ from standby.store.base import Base, utcnow
 from standby.store.states import JobState, StepState, in_clause
 
 NAME = 128  # matches the fabric's Name: up to 128 characters
+# SQLite reuses the largest rowid after a delete unless the table says AUTOINCREMENT;
+# ids are referenced from outside (job 42, item 7): never hand one out twice.
+SQLITE_NO_ID_REUSE = {"sqlite_autoincrement": True}
 
 
 def _name() -> Mapped[str]:
@@ -53,6 +56,7 @@ PLATFORMS = ("kvm", "hyperv")
 
 class Site(Base):
     __tablename__ = "sites"
+    __table_args__ = (SQLITE_NO_ID_REUSE,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = _name()
@@ -64,7 +68,7 @@ class Server(Base):
     """A site's management server (site manager for KVM, VMM for Hyper-V)."""
 
     __tablename__ = "servers"
-    __table_args__ = (CheckConstraint(f"platform IN ({in_clause(PLATFORMS)})", name="platform"),)
+    __table_args__ = (CheckConstraint(f"platform IN ({in_clause(PLATFORMS)})", name="platform"), SQLITE_NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = _name()
@@ -89,6 +93,7 @@ class Cloud(Base):
     """A protection boundary: hosts of one server; a primary cloud pairs with a secondary."""
 
     __tablename__ = "clouds"
+    __table_args__ = (SQLITE_NO_ID_REUSE,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = _name()
@@ -103,6 +108,7 @@ class Cloud(Base):
 
 class Host(Base):
     __tablename__ = "hosts"
+    __table_args__ = (SQLITE_NO_ID_REUSE,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = _name()
@@ -124,7 +130,7 @@ class Vm(Base):
     `missing_since` set (its protected item still refers to it); others are deleted."""
 
     __tablename__ = "vms"
-    __table_args__ = (UniqueConstraint("host_id", "name"),)
+    __table_args__ = (UniqueConstraint("host_id", "name"), SQLITE_NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"))
@@ -144,6 +150,7 @@ class Network(Base):
     """A VM network of a site (what network mappings map)."""
 
     __tablename__ = "networks"
+    __table_args__ = (SQLITE_NO_ID_REUSE,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = _name()
@@ -163,6 +170,7 @@ class RegistrationKey(Base):
     """A key that lets servers and agents register until it expires (5 days by default)."""
 
     __tablename__ = "registration_keys"
+    __table_args__ = (SQLITE_NO_ID_REUSE,)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prefix: Mapped[str] = mapped_column(String(16))  # shown to operators to tell keys apart
@@ -183,6 +191,7 @@ class Agent(Base):
     __table_args__ = (
         CheckConstraint(f"kind IN ({in_clause(AGENT_KINDS)})", name="kind"),
         CheckConstraint(f"state IN ({in_clause(AGENT_STATES)})", name="state"),
+        SQLITE_NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -234,6 +243,7 @@ class Policy(Base):
             "initial_replication <> 'offline' OR (offline_export_path IS NOT NULL AND offline_import_path IS NOT NULL)",
             name="initial_offline",
         ),
+        SQLITE_NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -266,7 +276,7 @@ class CloudPairing(Base):
     """A primary cloud paired with a secondary cloud (one pairing per primary cloud)."""
 
     __tablename__ = "cloud_pairings"
-    __table_args__ = (CheckConstraint("primary_cloud_id <> secondary_cloud_id", name="distinct"),)
+    __table_args__ = (CheckConstraint("primary_cloud_id <> secondary_cloud_id", name="distinct"), SQLITE_NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     primary_cloud_id: Mapped[int] = mapped_column(ForeignKey("clouds.id", ondelete="RESTRICT"), unique=True)
@@ -295,7 +305,7 @@ class NetworkMapping(Base):
     """A primary VM network mapped to a secondary one (one mapping per primary network)."""
 
     __tablename__ = "network_mappings"
-    __table_args__ = (CheckConstraint("primary_network_id <> secondary_network_id", name="distinct"),)
+    __table_args__ = (CheckConstraint("primary_network_id <> secondary_network_id", name="distinct"), SQLITE_NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     primary_network_id: Mapped[int] = mapped_column(ForeignKey("networks.id", ondelete="RESTRICT"), unique=True)
@@ -326,6 +336,7 @@ class ProtectedItem(Base):
         ),
         CheckConstraint(f"health IN ({in_clause(HEALTHS)})", name="health"),
         CheckConstraint("bytes_replicated >= 0", name="bytes"),
+        SQLITE_NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -368,7 +379,7 @@ class Alert(Base):
     while open and NULL once cleared, under a unique constraint."""
 
     __tablename__ = "alerts"
-    __table_args__ = (CheckConstraint(f"severity IN ({in_clause(SEVERITIES)})", name="severity"),)
+    __table_args__ = (CheckConstraint(f"severity IN ({in_clause(SEVERITIES)})", name="severity"), SQLITE_NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(40), index=True)
@@ -391,7 +402,7 @@ class Webhook(Base):
     """Where alerts are posted. `secret` signs the payload (HMAC), so it is kept in clear."""
 
     __tablename__ = "webhooks"
-    __table_args__ = (CheckConstraint(f"min_severity IN ({in_clause(SEVERITIES)})", name="min_severity"),)
+    __table_args__ = (CheckConstraint(f"min_severity IN ({in_clause(SEVERITIES)})", name="min_severity"), SQLITE_NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = _name()
@@ -412,6 +423,7 @@ class AlertDelivery(Base):
         CheckConstraint(f"event IN ({in_clause(DELIVERY_EVENTS)})", name="event"),
         CheckConstraint(f"state IN ({in_clause(DELIVERY_STATES)})", name="state"),
         Index("ix_alert_deliveries_state_next", "state", "next_attempt_at"),
+        SQLITE_NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -437,7 +449,7 @@ ROLES = ("operator", "viewer")
 
 class ApiToken(Base):
     __tablename__ = "api_tokens"
-    __table_args__ = (CheckConstraint(f"role IN ({in_clause(ROLES)})", name="role"),)
+    __table_args__ = (CheckConstraint(f"role IN ({in_clause(ROLES)})", name="role"), SQLITE_NO_ID_REUSE)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = _name()
@@ -462,6 +474,7 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(f"state IN ({in_clause(JobState)})", name="state"),
         CheckConstraint("progress BETWEEN 0 AND 100", name="progress"),
+        SQLITE_NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -499,6 +512,7 @@ class JobStep(Base):
         UniqueConstraint("job_id", "position"),
         CheckConstraint(f"state IN ({in_clause(StepState)})", name="state"),
         CheckConstraint("progress BETWEEN 0 AND 100", name="progress"),
+        SQLITE_NO_ID_REUSE,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name=op.f('pk_api_tokens')),
         sa.UniqueConstraint('name', name=op.f('uq_api_tokens_name')),
         sa.UniqueConstraint('token_hash', name=op.f('uq_api_tokens_token_hash')),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         'jobs',
@@ -60,6 +61,7 @@ def upgrade() -> None:
         sa.CheckConstraint("state IN ('cancelled', 'errored', 'failed', 'queued', 'running', 'succeeded')", name=op.f('ck_jobs_state')),
         sa.CheckConstraint('progress BETWEEN 0 AND 100', name=op.f('ck_jobs_progress')),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_jobs_kind'), 'jobs', ['kind'])
     op.create_index(op.f('ix_jobs_state'), 'jobs', ['state'])
@@ -93,6 +95,7 @@ def upgrade() -> None:
         sa.CheckConstraint('replication_port BETWEEN 1 AND 65535', name=op.f('ck_policies_port')),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_policies')),
         sa.UniqueConstraint('name', name=op.f('uq_policies_name')),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         'registration_keys',
@@ -108,6 +111,7 @@ def upgrade() -> None:
         sa.Column('last_used_at', sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_registration_keys')),
         sa.UniqueConstraint('key_hash', name=op.f('uq_registration_keys_key_hash')),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         'sites',
@@ -117,6 +121,7 @@ def upgrade() -> None:
         sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_sites')),
         sa.UniqueConstraint('name', name=op.f('uq_sites_name')),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         'webhooks',
@@ -131,6 +136,7 @@ def upgrade() -> None:
         sa.CheckConstraint("min_severity IN ('critical', 'info', 'warning')", name=op.f('ck_webhooks_min_severity')),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_webhooks')),
         sa.UniqueConstraint('name', name=op.f('uq_webhooks_name')),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         'agents',
@@ -154,6 +160,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name=op.f('pk_agents')),
         sa.UniqueConstraint('cert_fingerprint', name=op.f('uq_agents_cert_fingerprint')),
         sa.UniqueConstraint('name', name=op.f('uq_agents_name')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_agents_host_name'), 'agents', ['host_name'])
     op.create_index(op.f('ix_agents_registration_key_id'), 'agents', ['registration_key_id'])
@@ -174,6 +181,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_job_steps_job_id'), ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_job_steps')),
         sa.UniqueConstraint('job_id', 'position', name=op.f('uq_job_steps_job_id_position')),
+        sqlite_autoincrement=True,
     )
     op.create_table(
         'networks',
@@ -184,6 +192,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_networks_site_id'), ondelete='RESTRICT'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_networks')),
         sa.UniqueConstraint('name', name=op.f('uq_networks_name')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_networks_site_id'), 'networks', ['site_id'])
 
@@ -200,6 +209,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['site_id'], ['sites.id'], name=op.f('fk_servers_site_id'), ondelete='RESTRICT'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_servers')),
         sa.UniqueConstraint('name', name=op.f('uq_servers_name')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_servers_site_id'), 'servers', ['site_id'])
 
@@ -214,6 +224,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['server_id'], ['servers.id'], name=op.f('fk_clouds_server_id'), ondelete='RESTRICT'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_clouds')),
         sa.UniqueConstraint('name', name=op.f('uq_clouds_name')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_clouds_server_id'), 'clouds', ['server_id'])
 
@@ -232,6 +243,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['server_id'], ['servers.id'], name=op.f('fk_hosts_server_id'), ondelete='RESTRICT'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_hosts')),
         sa.UniqueConstraint('name', name=op.f('uq_hosts_name')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_hosts_server_id'), 'hosts', ['server_id'])
 
@@ -246,6 +258,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['secondary_network_id'], ['networks.id'], name=op.f('fk_network_mappings_secondary_network_id'), ondelete='RESTRICT'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_network_mappings')),
         sa.UniqueConstraint('primary_network_id', name=op.f('uq_network_mappings_primary_network_id')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_network_mappings_secondary_network_id'), 'network_mappings', ['secondary_network_id'])
 
@@ -270,6 +283,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['secondary_cloud_id'], ['clouds.id'], name=op.f('fk_cloud_pairings_secondary_cloud_id'), ondelete='RESTRICT'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_cloud_pairings')),
         sa.UniqueConstraint('primary_cloud_id', name=op.f('uq_cloud_pairings_primary_cloud_id')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_cloud_pairings_secondary_cloud_id'), 'cloud_pairings', ['secondary_cloud_id'])
 
@@ -289,6 +303,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name=op.f('pk_vms')),
         sa.UniqueConstraint('host_id', 'name', name=op.f('uq_vms_host_id_name')),
         sa.UniqueConstraint('uuid', name=op.f('uq_vms_uuid')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_vms_name'), 'vms', ['name'])
 
@@ -333,6 +348,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['vm_id'], ['vms.id'], name=op.f('fk_protected_items_vm_id'), ondelete='RESTRICT'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_protected_items')),
         sa.UniqueConstraint('vm_id', name=op.f('uq_protected_items_vm_id')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_protected_items_next_cycle_at'), 'protected_items', ['next_cycle_at'])
     op.create_index(op.f('ix_protected_items_pairing_id'), 'protected_items', ['pairing_id'])
@@ -358,6 +374,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['item_id'], ['protected_items.id'], name=op.f('fk_alerts_item_id'), ondelete='SET NULL'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_alerts')),
         sa.UniqueConstraint('open_key', name=op.f('uq_alerts_open_key')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_alerts_agent_id'), 'alerts', ['agent_id'])
     op.create_index(op.f('ix_alerts_cleared_at'), 'alerts', ['cleared_at'])
@@ -384,6 +401,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['webhook_id'], ['webhooks.id'], name=op.f('fk_alert_deliveries_webhook_id'), ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_alert_deliveries')),
         sa.UniqueConstraint('alert_id', 'webhook_id', 'event', name=op.f('uq_alert_deliveries_alert_id_webhook_id_event')),
+        sqlite_autoincrement=True,
     )
     op.create_index(op.f('ix_alert_deliveries_state_next'), 'alert_deliveries', ['state', 'next_attempt_at'])
     op.create_index(op.f('ix_alert_deliveries_webhook_id'), 'alert_deliveries', ['webhook_id'])
