@@ -216,6 +216,9 @@ class Receiver:
                 log.warning("refused connection from %s: %s", peer, describe_tls_error(exc))
                 return
             self.stats["connections"] += 1
+            with self._lock:  # wrap_socket detached `raw`: stop() must shut down `sock`
+                self._conns.discard(raw)
+                self._conns.add(sock)
             sock.settimeout(self.io_timeout)
             _Connection(self, sock, peer, peer_name(sock)).run()
         except Exception:  # noqa: BLE001 - a bug must not kill the agent
@@ -227,6 +230,8 @@ class Receiver:
                 pass
             with self._lock:
                 self._conns.discard(raw)
+                if sock is not None:
+                    self._conns.discard(sock)
                 self._threads.discard(threading.current_thread())
 
     # -- sessions ------------------------------------------------------------------------
