@@ -7,6 +7,7 @@ Each test using `store`, `store_url` or `empty_store_url` runs once per backend
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +23,14 @@ from sqlalchemy import inspect, select, text
 from standby.errors import BadInput, Conflict, NotFound, Refused
 from standby.store import Store, StoreError, open_store
 from standby.store.base import Base
-from standby.store.db import alembic_config, create_store_engine, current_revision, head_revision, upgrade
+from standby.store.db import (
+    alembic_config,
+    create_store_engine,
+    current_revision,
+    head_revision,
+    migrations_dir,
+    upgrade,
+)
 from standby.store.models import Agent, ApiToken, Job, Policy, RegistrationKey
 from standby.store.repo import agents, alerts, inventory, items, jobs, policies, tokens
 from standby.store.repo.inventory import HostReport, VmReport
@@ -79,6 +87,50 @@ def test_a_schema_from_a_newer_standby_is_refused(empty_store_url: str) -> None:
         open_store(empty_store_url)
 
 
+_REBUILD_JOBS = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # On SQLite this rebuilds the table (copy, drop the old one, rename).
+    with op.batch_alter_table("jobs") as batch_op:
+        batch_op.alter_column("message", existing_type=sa.Text(), nullable=True)
+
+
+def downgrade() -> None:
+    pass
+"""
+
+
+def test_a_table_rebuilding_migration_keeps_the_rows_that_refer_to_it(empty_store_url: str, tmp_path: Any) -> None:
+    scripts = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0002_rebuild_jobs.py").write_text(_REBUILD_JOBS)
+    store = open_store(empty_store_url)
+    try:
+        with store.transaction() as s:
+            job_id = jobs.create(s, kind="k", steps=["a", "b"]).id
+    finally:
+        store.close()
+    engine = create_store_engine(empty_store_url)
+    try:
+        upgrade(engine, script_location=str(scripts))
+        assert current_revision(engine) == "0002"
+        with engine.connect() as conn:
+            steps = conn.execute(text("SELECT name FROM job_steps WHERE job_id = :j ORDER BY position"), {"j": job_id})
+            assert [r[0] for r in steps] == ["a", "b"]  # not cascaded away by the rebuild
+            if conn.dialect.name == "sqlite":
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # back on
+    finally:
+        engine.dispose()
+
+
 def test_constraint_and_index_names_fit_postgresql() -> None:
     names = []
     for table in Base.metadata.tables.values():
@@ -88,9 +140,11 @@ def test_constraint_and_index_names_fit_postgresql() -> None:
     assert too_long == []
 
 
-def test_unsupported_urls_are_refused(tmp_path: Any) -> None:
+def test_unsupported_or_unreachable_stores_are_refused(tmp_path: Any) -> None:
     with pytest.raises(StoreError, match="SQLite or PostgreSQL"):
         create_store_engine("mysql://x@localhost/db")
+    with pytest.raises(StoreError, match="cannot open the store"):
+        open_store(f"postgresql+psycopg://standby@/standby?host={tmp_path}/no-server")
 
 
 def test_sqlite_pragmas(tmp_path: Any) -> None:

@@ -198,18 +198,18 @@ def _sqlite_engine(u: URL, **engine_kw: Any) -> Engine:
 # ---------------------------------------------------------------- migrations
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
+def alembic_config(connection: Connection | None = None, *, script_location: str | None = None) -> Config:
     """Alembic's configuration, built in code. With `connection`, commands run on it."""
     cfg = Config()
-    cfg.set_main_option("script_location", "standby.store:migrations")
+    cfg.set_main_option("script_location", script_location or "standby.store:migrations")
     cfg.set_main_option("path_separator", "os")
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg
 
 
-def head_revision() -> str:
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+def head_revision(*, script_location: str | None = None) -> str:
+    head = ScriptDirectory.from_config(alembic_config(script_location=script_location)).get_current_head()
     assert head is not None
     return head
 
@@ -219,22 +219,44 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Upgrade the schema (one transaction on PostgreSQL, where DDL is transactional)."""
-    known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
-        current = MigrationContext.configure(conn).get_current_revision()
-        if current is not None and current not in known:
-            raise StoreError(
-                f"the database's schema is at revision {current}, which this version of Standby does not know "
-                "(it was written by a newer Standby): upgrade Standby or use another database"
-            )
+def upgrade(engine: Engine, revision: str = "head", *, script_location: str | None = None) -> None:
+    """Upgrade the schema in one transaction (DDL is transactional on both backends).
+
+    PostgreSQL: an advisory lock serializes control planes starting together. SQLite:
+    the write lock is taken first (BEGIN IMMEDIATE), and foreign keys are off while
+    migrations run, because a batch migration rebuilds a table by dropping it and with
+    foreign keys on that drop would cascade into the rows that refer to it; the foreign
+    keys are checked before the commit instead."""
+    scripts = ScriptDirectory.from_config(alembic_config(script_location=script_location))
+    known = {s.revision for s in scripts.walk_revisions()}
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        raw: Any = None
+        if sqlite:
+            conn.execution_options(standby_sqlite_begin="IMMEDIATE")
+            raw = conn.connection.dbapi_connection
+            raw.execute("PRAGMA foreign_keys=OFF")  # outside a transaction, or it is ignored
         try:
-            command.upgrade(alembic_config(conn), revision)
-        except CommandError as e:
-            raise StoreError(f"cannot migrate the store: {e}") from e
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current is not None and current not in known:
+                    raise StoreError(
+                        f"the database's schema is at revision {current}, which this version of Standby does "
+                        "not know (it was written by a newer Standby): upgrade Standby or use another database"
+                    )
+                try:
+                    command.upgrade(alembic_config(conn, script_location=script_location), revision)
+                except CommandError as e:
+                    raise StoreError(f"cannot migrate the store: {e}") from e
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise StoreError(f"migration left rows with dangling references: {broken[:5]}")
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 def open_store(url: str | URL, *, migrate: bool = True, **engine_kw: Any) -> Store:
