@@ -48,9 +48,14 @@ def pytest_configure(config: pytest.Config) -> None:
 def find_pg_bindir() -> Path | None:
     """Debian's server binaries (initdb, pg_ctl), newest major version first."""
     env = os.environ.get("STANDBY_PG_BINDIR")
-    candidates = [Path(env)] if env else sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-        reverse=True,
+    candidates = (
+        [Path(env)]
+        if env
+        else sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+            reverse=True,
+        )
     )
     for d in candidates:
         if (d / "initdb").is_file() and (d / "pg_ctl").is_file():
@@ -111,8 +116,17 @@ class PgCluster:
 
     def start(self) -> PgServer:
         r = self._run(
-            self.bindir / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-            "--locale=C.UTF-8", "--no-sync", "--no-instructions",
+            self.bindir / "initdb",
+            "-D",
+            self.data,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+            "--no-instructions",
         )
         if r.returncode != 0:
             raise RuntimeError(f"initdb failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
@@ -170,7 +184,9 @@ def _db_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=[p if p == "sqlite" else pytest.param(p, marks=pytest.mark.postgresql) for p in BACKENDS])
+@pytest.fixture(
+    params=[p if p == "sqlite" else pytest.param(p, marks=[pytest.mark.postgresql, pytest.mark.slow]) for p in BACKENDS]
+)
 def store_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -221,8 +221,12 @@ def test_inventory_sync_per_cloud(store: Store) -> None:
             s,
             "gold",
             [
-                HostReport(name="h1", replication_address="10.0.0.1", facts={"libvirt_version": "9.0.0"},
-                           vms=[_vm("web", "u-web"), _vm("db", "u-db")]),
+                HostReport(
+                    name="h1",
+                    replication_address="10.0.0.1",
+                    facts={"libvirt_version": "9.0.0"},
+                    vms=[_vm("web", "u-web"), _vm("db", "u-db")],
+                ),
                 HostReport(name="h2", vms=[_vm("app", "u-app")]),
             ],
             now=at(0),
@@ -325,9 +329,16 @@ def test_agents_register_heartbeat_and_go_stale(store: Store) -> None:
     with store.transaction() as s:
         key, secret = agents.issue_registration_key(s, now=T0)
         agents.register_agent(
-            s, name="agent-h1", host_name="h1", address="10.0.0.1:7443", version="0.1.0",
-            cert_fingerprint="aa" * 32, cert_serial="01", cert_not_after=T0 + timedelta(days=365),
-            registration_key_id=key.id, now=T0,
+            s,
+            name="agent-h1",
+            host_name="h1",
+            address="10.0.0.1:7443",
+            version="0.1.0",
+            cert_fingerprint="aa" * 32,
+            cert_serial="01",
+            cert_not_after=T0 + timedelta(days=365),
+            registration_key_id=key.id,
+            now=T0,
         )
         agents.register_agent(s, name="agent-h2", host_name="h2", cert_fingerprint="bb" * 32, now=T0)
         agents.register_agent(s, name="vmm-a", kind="server", host_name="h1", now=T0)
@@ -340,7 +351,8 @@ def test_agents_register_heartbeat_and_go_stale(store: Store) -> None:
         assert agents.agent_for_host(s, "h1").name == "agent-h1"  # the agent, not the server
         assert agents.agent_by_fingerprint(s, "bb" * 32).name == "agent-h2"  # type: ignore[union-attr]
         assert [x.name for x in agents.stale_agents(s, timeout=timedelta(seconds=60), now=at(120))] == [
-            "agent-h2", "vmm-a",
+            "agent-h2",
+            "vmm-a",
         ]
         assert [x.name for x in agents.list_agents(s, kind="server")] == ["vmm-a"]
         with pytest.raises(NotFound):
@@ -375,13 +387,26 @@ def test_policy_defaults_follow_the_reference(store: Store) -> None:
 def test_policy_crud_and_validation(store: Store) -> None:
     start = at(3600)
     with store.transaction() as s:
-        policies.create_policy(s, "fast", copy_frequency_seconds=30, recovery_point_retention_hours=24,
-                               app_consistent_interval_hours=4, compression=False)
+        policies.create_policy(
+            s,
+            "fast",
+            copy_frequency_seconds=30,
+            recovery_point_retention_hours=24,
+            app_consistent_interval_hours=4,
+            compression=False,
+        )
         policies.create_policy(s, "cdp", copy_frequency_seconds=0)
-        policies.create_policy(s, "night", copy_frequency_seconds=900, initial_replication="scheduled",
-                               initial_replication_at=start)
-        policies.create_policy(s, "seed", initial_replication="offline", offline_export_path="/mnt/export",
-                               offline_import_path="/mnt/import", delete_replica_on_disable=True)
+        policies.create_policy(
+            s, "night", copy_frequency_seconds=900, initial_replication="scheduled", initial_replication_at=start
+        )
+        policies.create_policy(
+            s,
+            "seed",
+            initial_replication="offline",
+            offline_export_path="/mnt/export",
+            offline_import_path="/mnt/import",
+            delete_replica_on_disable=True,
+        )
     with store.read() as s:
         assert [p.name for p in policies.list_policies(s)] == ["cdp", "fast", "night", "seed"]
         assert policies.get_policy(s, "cdp").continuous
@@ -451,7 +476,11 @@ def test_pairings_associations_and_network_mappings(store: Store) -> None:
     with store.read() as s:
         m = policies.mapping_for(s, "prod")
         assert m is not None and m.secondary.name == "prod-dr" and m.primary.site.name == "site-a"  # type: ignore[union-attr]
-        assert len(policies.list_mappings(s)) == 1 and [n.name for n in inventory.list_networks(s)] == ["prod", "prod-dr", "test"]
+        assert len(policies.list_mappings(s)) == 1 and [n.name for n in inventory.list_networks(s)] == [
+            "prod",
+            "prod-dr",
+            "test",
+        ]
     with pytest.raises(Conflict, match="already mapped"), store.transaction() as s:
         policies.map_network(s, "prod", "test")
     with store.transaction() as s:
@@ -469,8 +498,15 @@ def test_protected_item_lifecycle_in_the_store(store: Store) -> None:
     with store.transaction() as s:
         vm_id, pairing_id, policy_id = _protected_setup(s)
         policies.create_policy(s, "unassociated")
-        item = items.create(s, vm_id=vm_id, pairing_id=pairing_id, policy_id=policy_id,
-                            secondary_host_id=inventory.get_host(s, "h9").id, next_cycle_at=at(300), now=T0)
+        item = items.create(
+            s,
+            vm_id=vm_id,
+            pairing_id=pairing_id,
+            policy_id=policy_id,
+            secondary_host_id=inventory.get_host(s, "h9").id,
+            next_cycle_at=at(300),
+            now=T0,
+        )
         item_id = item.id
     with pytest.raises(Conflict, match="already protected"), store.transaction() as s:
         items.create(s, vm_id=vm_id, pairing_id=pairing_id, policy_id=policy_id)
@@ -493,10 +529,24 @@ def test_protected_item_lifecycle_in_the_store(store: Store) -> None:
     with pytest.raises(Refused, match="no seed_done from protected"), store.transaction() as s:
         items.transition(s, item_id, domain_next)
     with store.transaction() as s:
-        items.record_cycle(s, item_id, recovery_point_id="rp-1", recovery_point_at=at(290), bytes_sent=1 << 20,
-                           next_cycle_at=at(600), now=at(300))
-        items.record_cycle(s, item_id, recovery_point_id="rp-2", recovery_point_at=at(590), bytes_sent=5 << 30,
-                           next_cycle_at=at(900), now=at(600))
+        items.record_cycle(
+            s,
+            item_id,
+            recovery_point_id="rp-1",
+            recovery_point_at=at(290),
+            bytes_sent=1 << 20,
+            next_cycle_at=at(600),
+            now=at(300),
+        )
+        items.record_cycle(
+            s,
+            item_id,
+            recovery_point_id="rp-2",
+            recovery_point_at=at(590),
+            bytes_sent=5 << 30,
+            next_cycle_at=at(900),
+            now=at(600),
+        )
         items.set_health(s, item_id, "warning", "RPO 310 s exceeds 300 s", now=at(600))
         items.update_details(s, item_id, replica="/var/lib/standby/replicas/web")
     with store.read() as s:
@@ -538,20 +588,30 @@ def test_protected_item_lifecycle_in_the_store(store: Store) -> None:
 def test_alerts_deduplicate_and_queue_webhook_deliveries(store: Store) -> None:
     with store.transaction() as s:
         alerts.add_webhook(s, "all", "https://hooks.example/all", secret="s3")
-        alerts.add_webhook(s, "rpo-critical", "https://hooks.example/rpo", kinds=["rpo_breach"], min_severity="critical")
+        alerts.add_webhook(
+            s, "rpo-critical", "https://hooks.example/rpo", kinds=["rpo_breach"], min_severity="critical"
+        )
         alerts.add_webhook(s, "off", "https://hooks.example/off", enabled=False)
-        a, new = alerts.raise_alert(s, kind="rpo_breach", severity="warning", subject="item:web",
-                                    message="RPO 400 s > 300 s", now=at(0))
+        a, new = alerts.raise_alert(
+            s, kind="rpo_breach", severity="warning", subject="item:web", message="RPO 400 s > 300 s", now=at(0)
+        )
         assert new
-        a2, new2 = alerts.raise_alert(s, kind="rpo_breach", severity="critical", subject="item:web",
-                                      message="RPO 900 s > 300 s", now=at(60))
+        a2, new2 = alerts.raise_alert(
+            s, kind="rpo_breach", severity="critical", subject="item:web", message="RPO 900 s > 300 s", now=at(60)
+        )
         assert not new2 and a2.id == a.id
         alert_id = a.id
-        alerts.raise_alert(s, kind="heartbeat_lost", severity="critical", subject="agent:h2", message="silent 90 s",
-                           now=at(0))
+        alerts.raise_alert(
+            s, kind="heartbeat_lost", severity="critical", subject="agent:h2", message="silent 90 s", now=at(0)
+        )
     with store.read() as s:
         got = alerts.list_alerts(s, kind="rpo_breach")[0]
-        assert (got.severity, got.message, got.raised_at, got.last_seen_at) == ("critical", "RPO 900 s > 300 s", at(0), at(60))
+        assert (got.severity, got.message, got.raised_at, got.last_seen_at) == (
+            "critical",
+            "RPO 900 s > 300 s",
+            at(0),
+            at(60),
+        )
         # Deliveries were queued when it was raised (as a warning): only "all" wanted it.
         assert [(d.webhook.name, d.event) for d in alerts.deliveries_of(s, alert_id)] == [("all", "raised")]
         assert len(alerts.list_alerts(s, open_only=True)) == 2
@@ -577,12 +637,15 @@ def test_alerts_deduplicate_and_queue_webhook_deliveries(store: Store) -> None:
         cleared = alerts.clear_alert(s, kind="rpo_breach", subject="item:web", now=at(300))
         assert cleared is not None and cleared.cleared_at == at(300)
         assert alerts.clear_alert(s, kind="rpo_breach", subject="item:web") is None
-        again, new = alerts.raise_alert(s, kind="rpo_breach", severity="critical", subject="item:web",
-                                        message="again", now=at(400))
+        again, new = alerts.raise_alert(
+            s, kind="rpo_breach", severity="critical", subject="item:web", message="again", now=at(400)
+        )
         assert new and again.id != alert_id
     with store.read() as s:
         assert [(d.webhook.name, d.event) for d in alerts.deliveries_of(s, alert_id)] == [
-            ("all", "raised"), ("all", "cleared"), ("rpo-critical", "cleared"),
+            ("all", "raised"),
+            ("all", "cleared"),
+            ("rpo-critical", "cleared"),
         ]
         assert len(alerts.list_alerts(s, subject="item:web")) == 2
     with store.transaction() as s:
@@ -626,8 +689,15 @@ def test_api_tokens(store: Store) -> None:
 
 def test_job_runs_its_steps_and_succeeds(store: Store) -> None:
     with store.transaction() as s:
-        job = jobs.create(s, kind="protect", target="item:1", created_by="alice", payload={"item": 1},
-                          steps=["readiness", "seed", "first cycle"], now=T0)
+        job = jobs.create(
+            s,
+            kind="protect",
+            target="item:1",
+            created_by="alice",
+            payload={"item": 1},
+            steps=["readiness", "seed", "first cycle"],
+            now=T0,
+        )
         job_id = job.id
         assert (job.state, job.progress, [st.state for st in job.steps]) == ("queued", 0, ["pending"] * 3)
     with store.transaction() as s:
@@ -640,10 +710,17 @@ def test_job_runs_its_steps_and_succeeds(store: Store) -> None:
     with store.read() as s:
         j = jobs.get(s, job_id)
         assert (j.state, j.progress, j.message, j.started_at, j.attempts, j.runner) == (
-            "running", 50, "seeding", at(1), 1, "cp:1",
+            "running",
+            50,
+            "seeding",
+            at(1),
+            1,
+            "cp:1",
         )
         assert [(st.name, st.state, st.progress) for st in j.steps] == [
-            ("readiness", "succeeded", 100), ("seed", "running", 40), ("first cycle", "pending", 0),
+            ("readiness", "succeeded", 100),
+            ("seed", "running", 40),
+            ("first cycle", "pending", 0),
         ]
         assert j.steps[0].started_at == at(1) and j.steps[0].ended_at == at(2)
     with store.transaction() as s:
@@ -651,7 +728,13 @@ def test_job_runs_its_steps_and_succeeds(store: Store) -> None:
         jobs.finish(s, job_id, JobState.SUCCEEDED, result={"recovery_point": "rp-1"}, now=at(5))
     with store.read() as s:
         j = jobs.get(s, job_id)
-        assert (j.state, j.progress, j.ended_at, j.result, j.error) == ("succeeded", 100, at(5), {"recovery_point": "rp-1"}, None)
+        assert (j.state, j.progress, j.ended_at, j.result, j.error) == (
+            "succeeded",
+            100,
+            at(5),
+            {"recovery_point": "rp-1"},
+            None,
+        )
         assert [st.state for st in j.steps] == ["succeeded", "succeeded", "skipped"]
         assert jobs.unfinished(s) == []
 
@@ -812,7 +895,12 @@ def test_restart_recovery_resumes_or_cleanly_fails(store: Store) -> None:
     assert rec.to_dispatch == [waiting, resumable]
     with store.read() as s:
         r = jobs.get(s, resumable)
-        assert (r.state, r.payload, r.runner, [st.state for st in r.steps]) == ("queued", {"offset": 123}, None, ["pending"])
+        assert (r.state, r.payload, r.runner, [st.state for st in r.steps]) == (
+            "queued",
+            {"offset": 123},
+            None,
+            ["pending"],
+        )
         p = jobs.get(s, plain)
         assert p.state == "errored" and "control plane stopped" in (p.error or "") and "old:1" in (p.error or "")
         assert p.ended_at == at(100) and [st.state for st in p.steps] == ["errored"]

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                 upgrade(engine)
                 with engine.begin() as conn:
                     number = int(head_revision().split("_")[0]) + 1
-                    command.revision(alembic_config(conn), message=args.message, autogenerate=True, rev_id=f"{number:04d}")
+                    command.revision(
+                        alembic_config(conn), message=args.message, autogenerate=True, rev_id=f"{number:04d}"
+                    )
             finally:
                 engine.dispose()
         return 0

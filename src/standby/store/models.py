@@ -228,9 +228,7 @@ class Policy(Base):
 
     __tablename__ = "policies"
     __table_args__ = (
-        CheckConstraint(
-            f"copy_frequency_seconds IN ({', '.join(map(str, COPY_FREQUENCIES))})", name="copy_frequency"
-        ),
+        CheckConstraint(f"copy_frequency_seconds IN ({', '.join(map(str, COPY_FREQUENCIES))})", name="copy_frequency"),
         CheckConstraint("recovery_point_retention_hours >= 0", name="retention"),
         CheckConstraint("app_consistent_interval_hours >= 0", name="app_consistent"),
         CheckConstraint(f"authentication IN ({in_clause(AUTHENTICATIONS)})", name="authentication"),
@@ -305,7 +303,10 @@ class NetworkMapping(Base):
     """A primary VM network mapped to a secondary one (one mapping per primary network)."""
 
     __tablename__ = "network_mappings"
-    __table_args__ = (CheckConstraint("primary_network_id <> secondary_network_id", name="distinct"), SQLITE_NO_ID_REUSE)
+    __table_args__ = (
+        CheckConstraint("primary_network_id <> secondary_network_id", name="distinct"),
+        SQLITE_NO_ID_REUSE,
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     primary_network_id: Mapped[int] = mapped_column(ForeignKey("networks.id", ondelete="RESTRICT"), unique=True)
@@ -402,7 +403,10 @@ class Webhook(Base):
     """Where alerts are posted. `secret` signs the payload (HMAC), so it is kept in clear."""
 
     __tablename__ = "webhooks"
-    __table_args__ = (CheckConstraint(f"min_severity IN ({in_clause(SEVERITIES)})", name="min_severity"), SQLITE_NO_ID_REUSE)
+    __table_args__ = (
+        CheckConstraint(f"min_severity IN ({in_clause(SEVERITIES)})", name="min_severity"),
+        SQLITE_NO_ID_REUSE,
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = _name()
@@ -464,6 +468,7 @@ class ApiToken(Base):
 
 
 # ---------------------------------------------------------------- jobs
+
 
 class Job(Base):
     """An operation. The row is the source of truth: a runner reads it, moves it through

@@ -63,7 +63,14 @@ STEP_TERMINAL: frozenset[StepState] = frozenset(
 
 STEP_TRANSITIONS: dict[StepState, frozenset[StepState]] = {
     StepState.PENDING: frozenset(
-        {StepState.RUNNING, StepState.SUCCEEDED, StepState.SKIPPED, StepState.CANCELLED, StepState.FAILED, StepState.ERRORED}
+        {
+            StepState.RUNNING,
+            StepState.SUCCEEDED,
+            StepState.SKIPPED,
+            StepState.CANCELLED,
+            StepState.FAILED,
+            StepState.ERRORED,
+        }
     ),
     # running -> pending: the step is run again when its job is resumed.
     StepState.RUNNING: frozenset(

@@ -181,8 +181,13 @@ def _queue_deliveries(session: Session, alert: Alert, event: str, now: datetime)
         if _wants(hook, alert):
             session.add(
                 AlertDelivery(
-                    alert_id=alert.id, webhook_id=hook.id, event=event, state="pending", attempts=0,
-                    next_attempt_at=now, created_at=now,
+                    alert_id=alert.id,
+                    webhook_id=hook.id,
+                    event=event,
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
                 )
             )
     session.flush()
@@ -241,7 +246,9 @@ def record_delivery(
 def deliveries_of(session: Session, alert_id: int) -> list[AlertDelivery]:
     if session.get(Alert, alert_id) is None:
         raise NotFound(f"alert {alert_id} does not exist")
-    return list(session.scalars(select(AlertDelivery).where(AlertDelivery.alert_id == alert_id).order_by(AlertDelivery.id)))
+    return list(
+        session.scalars(select(AlertDelivery).where(AlertDelivery.alert_id == alert_id).order_by(AlertDelivery.id))
+    )
 
 
 def delivery_summary(session: Session, alert_id: int) -> dict[str, int]:

@@ -117,7 +117,9 @@ def list_hosts(session: Session, *, cloud: str | None = None) -> list[Host]:
     return list(session.scalars(q))
 
 
-def list_vms(session: Session, *, host: str | None = None, cloud: str | None = None, present_only: bool = False) -> list[Vm]:
+def list_vms(
+    session: Session, *, host: str | None = None, cloud: str | None = None, present_only: bool = False
+) -> list[Vm]:
     q = select(Vm).join(Host, Vm.host_id == Host.id).order_by(Host.name, Vm.name)
     if host is not None:
         q = q.where(Host.name == host)
@@ -134,7 +136,9 @@ def list_networks(session: Session) -> list[Network]:
 
 
 def get_vm(session: Session, host: str, name: str) -> Vm:
-    vm = session.scalars(select(Vm).join(Host, Vm.host_id == Host.id).where(Host.name == host, Vm.name == name)).one_or_none()
+    vm = session.scalars(
+        select(Vm).join(Host, Vm.host_id == Host.id).where(Host.name == host, Vm.name == name)
+    ).one_or_none()
     if vm is None:
         raise NotFound(f"VM {name!r} on host {host!r} does not exist")
     return vm
@@ -232,7 +236,9 @@ def sync_cloud(session: Session, cloud: str, hosts: Sequence[HostReport], *, now
         _sync_vms(session, host, report.vms, protected_vm_ids, now, res)
 
     for host_id in member_ids - reported_ids:
-        session.execute(cloud_hosts.delete().where(cloud_hosts.c.cloud_id == cloud_row.id, cloud_hosts.c.host_id == host_id))
+        session.execute(
+            cloud_hosts.delete().where(cloud_hosts.c.cloud_id == cloud_row.id, cloud_hosts.c.host_id == host_id)
+        )
         res.hosts_removed.append(session.get_one(Host, host_id).name)
     cloud_row.synced_at = now
     session.flush()

@@ -185,7 +185,9 @@ def record_cycle(
     return item
 
 
-def schedule(session: Session, item_id: int, next_cycle_at: datetime | None, *, now: datetime | None = None) -> ProtectedItem:
+def schedule(
+    session: Session, item_id: int, next_cycle_at: datetime | None, *, now: datetime | None = None
+) -> ProtectedItem:
     """When the next cycle is due (None: not scheduled, e.g. paused)."""
     item = get(session, item_id, lock=True)
     item.next_cycle_at = next_cycle_at

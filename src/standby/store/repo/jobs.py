@@ -69,7 +69,9 @@ def create(
         message="",
         created_at=now,
         updated_at=now,
-        steps=[JobStep(position=i, name=name, state=StepState.PENDING.value, progress=0) for i, name in enumerate(steps)],
+        steps=[
+            JobStep(position=i, name=name, state=StepState.PENDING.value, progress=0) for i, name in enumerate(steps)
+        ],
     )
     session.add(job)
     session.flush()
@@ -145,7 +147,12 @@ def _check_progress(progress: int) -> int:
 
 
 def report(
-    session: Session, job_id: int, *, progress: int | None = None, message: str | None = None, now: datetime | None = None
+    session: Session,
+    job_id: int,
+    *,
+    progress: int | None = None,
+    message: str | None = None,
+    now: datetime | None = None,
 ) -> Job:
     """Progress and message of a running job."""
     job = get(session, job_id, lock=True)
@@ -359,7 +366,9 @@ def recover_at_startup(session: Session, *, now: datetime | None = None) -> Reco
             finish(session, job.id, JobState.CANCELLED, message="cancelled: the control plane restarted", now=now)
             rec.cancelled.append(job.id)
         elif job.resumable:
-            requeue(session, job.id, message=f"resuming after a control-plane restart (attempt {job.attempts + 1})", now=now)
+            requeue(
+                session, job.id, message=f"resuming after a control-plane restart (attempt {job.attempts + 1})", now=now
+            )
             rec.requeued.append(job.id)
         else:
             was = f" (runner {job.runner})" if job.runner else ""

@@ -186,7 +186,9 @@ def dissociate(session: Session, policy: str, pairing_id: int) -> None:
         .where(ProtectedItem.policy_id == pol.id, ProtectedItem.pairing_id == pairing_id)
     )
     if n:
-        raise Conflict(f"policy {policy!r} protects {n} item(s) of pairing {pairing_id}: disable their protection first")
+        raise Conflict(
+            f"policy {policy!r} protects {n} item(s) of pairing {pairing_id}: disable their protection first"
+        )
     session.delete(row)
     session.flush()
     session.expire(pol, ["pairings"])

@@ -31,8 +31,13 @@ def create_token(
     now = now_or(now)
     secret, prefix = new_secret("sbt")
     token = ApiToken(
-        name=name, prefix=prefix, token_hash=hash_secret(secret), role=role,
-        created_by=created_by, created_at=now, expires_at=expires_at,
+        name=name,
+        prefix=prefix,
+        token_hash=hash_secret(secret),
+        role=role,
+        created_by=created_by,
+        created_at=now,
+        expires_at=expires_at,
     )
     session.add(token)
     session.flush()
