@@ -202,6 +202,13 @@ def _compare_with_source(site: Site, vm: Vm, tmp: Path, target: str = "vda", ima
         overlay.unlink()
 
 
+def _bitmaps(vm: Vm) -> list[str]:
+    """The bitmaps stored in the (stopped) VM's image."""
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(vm.disk)], capture_output=True,
+                                     text=True, check=True).stdout)
+    return [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+
+
 def _incremental(res: VmCycleResult, target: str = "vda", max_bytes: int | None = None) -> None:
     d = res.disk(target)
     assert d.kind == "extents" and d.resync_reason is None, d.as_dict()
@@ -243,7 +250,7 @@ def test_checkpoint_missing_after_vm_restart(site: Site, make_vm: Callable[..., 
                                              libvirt_conn: Any) -> None:
     """The domain is re-defined while stopped (its checkpoint metadata is gone, the bitmap
     is still in the qcow2): the checkpoint is redefined from the saved XML and the cycle
-    after the restart stays incremental."""
+    after the restart stays incremental; a stray bitmap is removed."""
     import libvirt
 
     vm = make_vm("cpmiss")
@@ -258,16 +265,21 @@ def test_checkpoint_missing_after_vm_restart(site: Site, make_vm: Callable[..., 
     vm.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
     vm.dom = libvirt_conn.defineXML(xml)
     assert vm.dom.listAllCheckpoints() == []
+    # and a stray bitmap, as an uncompleted cycle whose metadata was lost leaves one
+    subprocess.run(["qemu-img", "bitmap", "--add", "--enable", str(vm.disk), "standby-50"], check=True)
     vm.start()
     acked = vm.wait_records(vm.console.acked() + 5)
     res = site.cycle(vm.name)
     _incremental(res, max_bytes=2 * MiB)
     assert any("redefined" in n for n in res.notes), res.notes
+    assert res.checkpoint == "standby-51"
     _verify_point(site, vm, tmp_path, at_least=acked)
     assert [c.getName() for c in vm.dom.listAllCheckpoints()] == [res.checkpoint]
     vm.stop()
-    _incremental(site.cycle(vm.name))
+    last = site.cycle(vm.name)
+    _incremental(last)
     _compare_with_source(site, vm, tmp_path)
+    assert _bitmaps(vm) == [last.checkpoint]
 
 
 def test_vm_crashed_mid_cycle(site: Site, make_vm: Callable[..., Vm], tmp_path: Path) -> None:
@@ -287,8 +299,9 @@ def test_vm_crashed_mid_cycle(site: Site, make_vm: Callable[..., Vm], tmp_path: 
         replicate_vm(site.driver, vm.name, site.ep, site.ctx, site.state, on_session=lambda s: vm.kill())
     assert not failed.value.result.completed
     assert failed.value.result.disk("vda").error
-    bitmaps = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(vm.disk)], capture_output=True,
-                                        text=True, check=True).stdout)["format-specific"]["data"]["bitmaps"]
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(vm.disk)], capture_output=True,
+                                     text=True, check=True).stdout)
+    bitmaps = info["format-specific"]["data"]["bitmaps"]
     assert any("in-use" in b["flags"] for b in bitmaps), bitmaps
 
     res = site.cycle(vm.name)  # the VM is still down
@@ -296,6 +309,7 @@ def test_vm_crashed_mid_cycle(site: Site, make_vm: Callable[..., Vm], tmp_path: 
     assert d.kind == "hash_scan" and d.resync_reason and "inconsistent" in d.resync_reason, d.as_dict()
     assert d.result is not None and d.result.baseline_from != "empty replica"
     _compare_with_source(site, vm, tmp_path)
+    assert _bitmaps(vm) == [res.checkpoint]  # the inconsistent ones are gone
     acked = vm.console.acked()
     vm.start()
     vm.wait_records(acked + 5)
@@ -340,6 +354,7 @@ def test_source_vm_powered_off_between_cycles(site: Site, make_vm: Callable[...,
     assert d.kind == "hash_scan" and "disabled" in (d.resync_reason or ""), d.as_dict()
     assert d.result is not None and d.result.data_blocks == 1
     _compare_with_source(site, vm, tmp_path)
+    assert _bitmaps(vm) == [blind.checkpoint]  # one bitmap: the base of the next cycle
     vm.set_cmdline(guest.cmdline("write", rate=20))
     vm.start()
     vm.wait_records(65)

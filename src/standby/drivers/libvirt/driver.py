@@ -81,6 +81,7 @@ class LibvirtDriver:
         self._conn = conn
         self._own_conn = conn is None
         self._held: set[str] = set()
+        self._open: set[str] = set()  # VMs (uuid) with a cycle session open
 
     # ------------------------------------------------------------------ connection
 
@@ -256,13 +257,23 @@ class LibvirtDriver:
                 session = CycleSession(vm, name or "", cons, changes, notes=notes)
                 for n in notes:
                     log.info("VM %s cycle %s: %s", vm, name, n)
-                yield session
+                self._open.add(uuid)
+                try:
+                    yield session
+                finally:
+                    self._open.discard(uuid)
             finally:
                 exports.stop()
+            if session.completed and session.checkpoint:
+                # completed inside the session: older checkpoints go now that the backup
+                # job (or qemu-nbd, which locks the images) is over
+                self._prune(dom, seq)
 
     def complete_cycle(self, session: CycleSession) -> None:
         """The secondary committed every disk of the session's point: its checkpoint
-        becomes the base of the next cycle, older checkpoints are deleted."""
+        becomes the base of the next cycle, older checkpoints are deleted (when the
+        session is still open, as it closes: the backup job may still use them, and a
+        powered-off VM's images are locked by qemu-nbd until then)."""
         dom = self._lookup(session.vm)
         uuid = dom.UUIDString()
         with self._locked(uuid):
@@ -277,13 +288,18 @@ class LibvirtDriver:
             st.committed = rec
             st.pending = {n: r for n, r in st.pending.items() if r.seq > rec.seq}
             st.save()
-            active = bool(dom.isActive())
-            disks = [d for d in domain_disks(dom.XMLDesc(0)) if d.protected]
-            for n in self._checkpoints(dom):
-                s = checkpoint_seq(n)
-                if s is not None and s < rec.seq:
-                    self._delete_checkpoint(dom, n, active, disks)
             session.completed = True
+            if uuid not in self._open:
+                self._prune(dom, rec.seq)
+
+    def _prune(self, dom: Any, seq: int) -> None:
+        """Delete the checkpoints older than `standby-<seq>` (and their bitmaps)."""
+        active = bool(dom.isActive())
+        disks = [d for d in domain_disks(dom.XMLDesc(0)) if d.protected]
+        for n in self._checkpoints(dom):
+            s = checkpoint_seq(n)
+            if s is not None and s < seq:
+                self._delete_checkpoint(dom, n, active, disks)
 
     # ------------------------------------------------------------------ helpers
 
