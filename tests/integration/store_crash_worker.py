@@ -4,7 +4,7 @@
 
 Cycle c (1-based) applies `cycle_changes(SEED, c)`; every third cycle is followed by a
 prune that keeps only the latest point, so kills land in staging, commit and merges.
-Prints "committed <c>" after each commit (flushed).
+Prints "ready" once the store is open, then "committed <c>" after each commit (flushed).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     root, seed, start, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     disk = ReplicaStore(root).create_disk("vm", SIZE)
     model = model_after(seed, start - 1)
+    print("ready", flush=True)
     for c in range(start, start + count):
         changes = cycle_changes(seed, c)
         latest = disk.latest()

@@ -337,11 +337,17 @@ def test_half_written_layers_and_temp_files_are_cleaned_on_open(tmp_path: Path) 
     assert_points_match(d2, snaps)
 
 
+@pytest.mark.parametrize("big", [True, False], ids=["intent", "small"])
 @pytest.mark.parametrize("fail_at", ["link", "point-record", "hash-file"])
-def test_crash_inside_commit_rolls_forward_on_open(tmp_path: Path, monkeypatch, fail_at: str) -> None:
-    _store, disk, _snaps, model = make_points(tmp_path, 2)
+def test_crash_inside_commit_rolls_forward_on_open(tmp_path: Path, monkeypatch, fail_at: str, big: bool) -> None:
+    """A cycle with at least `roll_forward_bytes` of data writes a commit intent: a crash
+    inside its commit is rolled forward on open. A smaller one is not (the sender sends it
+    again): the previous point stays, and the same cycle can be sent and committed again."""
+    _store, disk, snaps, model = make_points(tmp_path, 2)
     changes = random_changes(random.Random(5), k=12)
     w = disk.begin_cycle("next", disk.latest().id)
+    if big:
+        w.roll_forward_bytes = 0
     stage(w, changes)
     model.apply(changes)
 
@@ -366,8 +372,15 @@ def test_crash_inside_commit_rolls_forward_on_open(tmp_path: Path, monkeypatch, 
         w.commit(model.digest(), "app", 7.0, {"k": 1})
     monkeypatch.setattr(os, "link", real_link)
     monkeypatch.setattr(store_mod, "_write_durable", real_write)
-    d2 = ReplicaStore(tmp_path / "root").disk("vm")  # the commit intent was durable: rolled forward
-    p = d2.latest()
+    d2 = ReplicaStore(tmp_path / "root").disk("vm")
+    if not big:  # no intent: the replica stays at its previous point, the cycle is sent again
+        assert d2.latest().seq == 2
+        assert_points_match(d2, snaps)
+        assert not any((tmp_path / "root/disks/vm/layers").glob("0000000003*"))
+        w = d2.begin_cycle("next", d2.latest().id)
+        stage(w, changes)
+        w.commit(model.digest(), "app", 7.0, {"k": 1})
+    p = d2.latest()  # with an intent: rolled forward on open
     assert p.seq == 3 and p.consistency == "app" and p.meta == {"k": 1} and p.created_at == 7.0
     assert_same(p.layer, model.write_raw(tmp_path / "raw"))
     assert d2.verify(p.id).ok
@@ -387,10 +400,13 @@ def _sigkill_runs(tmp_path: Path, runs: int, seed: int) -> None:
     for run in range(runs):
         proc = subprocess.Popen([sys.executable, str(WORKER), str(root), str(seed), str(committed + 1), "40"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        time.sleep(rng.uniform(0.2, 0.45))  # interpreter start ~0.15 s, then cycles of ~10-30 ms
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the store is open (however slow the interpreter start)
+        time.sleep(rng.uniform(0.05, 0.3))  # then cycles of ~10-30 ms
         proc.send_signal(signal.SIGKILL)
         out, err = proc.communicate()
         assert proc.returncode == -signal.SIGKILL, err
+        assert first == "ready\n", err
         reported = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
         disk = ReplicaStore(root).disk("vm")
         latest = disk.latest()

@@ -503,8 +503,13 @@ class Qcow2Writer:
         os.fsync(self.fd)
 
     # -- finalize -----------------------------------------------------------------
-    def finalize(self) -> int:
-        """Write L2/L1/refcount tables, fsync, then the header, fsync. Returns the file size."""
+    def finalize(self, header_last: bool = True, sync: bool = True) -> int:
+        """Write L2/L1/refcount tables, fsync, then the header, fsync. Returns the file size.
+
+        `header_last=False` writes the header right after the tables and fsyncs once: for
+        a new layer that nothing references yet (its owner publishes it only after this
+        returns), where a torn layer is never read. A layer that is in use (a merge) keeps
+        the header-last order. `sync=False` leaves the final fsync to the caller."""
         with self._lock:
             regions = [ri for ri in sorted(self._l2) if self._l2_count[ri]]
             data_end = self.next_offset
@@ -555,11 +560,13 @@ class Qcow2Writer:
             _pwrite_all(self.fd, meta, data_end)
             if os.fstat(self.fd).st_size > file_end:
                 os.ftruncate(self.fd, file_end)
-            os.fsync(self.fd)
+            if header_last:
+                os.fsync(self.fd)
             header = _encode_header(self.size, self.backing, self.l1_size, l1_offset, rt_offset, rt)
             # one write inside the first page: atomic against a process kill
             _pwrite_all(self.fd, header + bytes(4096 - len(header)), 0)
-            os.fsync(self.fd)
+            if sync or header_last:
+                os.fsync(self.fd)
             self.next_offset = file_end
             return file_end
 

@@ -26,8 +26,8 @@ backing chain, which `qemu-img` and QEMU open directly (see `qcow2.py` for the l
 format). The chain length equals the number of retained points up to that point.
 
 A point exists once `points/<seq>.json` exists (written to a temp file, fsynced,
-renamed, directory fsynced); it is written last, after the layer (its qcow2 header is
-written last and fsynced) and the hash file. It records: id, seq, created_at,
+renamed, directory fsynced); it is renamed into place last, once the layer and the hash
+files are durable. It records: id, seq, created_at,
 consistency ("crash" | "app"), digest (hex disk digest, see digest.py), bytes_changed,
 blocks_changed, layer, cycle_id, base (previous point id) and meta.
 
@@ -57,11 +57,24 @@ after the last journaled cluster. `commit.json` is the commit intent (expected d
 consistency, created_at, meta): when it exists on open the commit is rolled forward
 (or the staging discarded if the digest does not match).
 
-Commit order: checkpoint; digest check (base table + this cycle's digests); intent;
-layer metadata + fsync; header + fsync; hard link to layers/<seq>.qcow2 + dir fsync;
-hash delta (and full table when due) + fsync; point record (atomic rename) + dir fsync;
-remove staging. A crash anywhere leaves the previous point, or the new one once its
-record is durable.
+Checkpoints run on a background thread every CHECKPOINT_BYTES of staged data (writers
+wait for one only when CHECKPOINT_LAG intervals are pending), and staged data is pushed
+to the disk every WRITEBACK_BYTES (writeback started, not waited for), so a checkpoint
+or a commit finds little left to flush. Creating a staging fsyncs nothing: until its
+first checkpoint it holds nothing durable (a crash may leave it half-written, and it is
+then started over); that checkpoint makes `cycle.json` and the directories durable.
+
+Commit order: [cycles of at least ROLL_FORWARD_BYTES of data: checkpoint, then the
+intent, durable]; digest check (base table + this cycle's digests); layer metadata and
+header written; hard link to layers/<seq>.qcow2; hash delta (and full table when due)
+and the point record's temp file written; fsync of the layer, the hash files, the temp
+record and the layers and hashes directories (their writeback started together, so
+ext4 commits them in about one journal transaction); the record renamed into place and
+points/ fsynced; staging removed. The layer is published by the record alone, so its
+header need not be written after its tables here (a merge, on a layer in use, does
+that). A crash anywhere leaves the previous point, or the new one once its record is
+durable; a smaller cycle without an intent is then simply sent again (its staging is
+resumed from its last checkpoint, if any, or dropped).
 
 Memory: a cycle in progress keeps, for each 512 MiB region it touches, its L2 table
 (64 KiB) and its block digests (128 KiB), and `received` is a bitmap: a 1% delta of a
@@ -161,6 +174,8 @@ _DELTA_ENTRY = struct.Struct(">Q16s")
 
 CHECKPOINT_BYTES = 64 * 1024 * 1024
 CHECKPOINT_LAG = 4  # writers wait once this many checkpoint intervals are staged but not durable
+ROLL_FORWARD_BYTES = 64 * 1024 * 1024  # cycles with this much data get a commit intent
+WRITEBACK_BYTES = 4 * 1024 * 1024  # staged data is pushed to the disk in steps of this size
 
 
 def _point_id(seq: int) -> str:
@@ -180,14 +195,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durable(path: Path, data: bytes, *, atomic: bool = True, sync_dir: bool = True) -> None:
-    """Write a file and fsync it; atomically (temp + rename) unless told otherwise."""
-    target = path.with_name(path.name + ".tmp") if atomic else path
+def _write_durable(path: Path, data: bytes, *, atomic: bool = True, sync_dir: bool = True,
+                   sync: bool = True) -> None:
+    """Write a file and fsync it; atomically (temp + rename) unless told otherwise.
+
+    `sync=False` only writes it (in place): the caller fsyncs it later with others
+    (`_fsync_paths`), after starting their writeback together."""
+    target = path.with_name(path.name + ".tmp") if atomic and sync else path
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         mv = memoryview(data)
         while mv:
             mv = mv[os.write(fd, mv):]
+        if not sync:
+            _kick_writeback(fd, 0, 0)
+            return
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -195,6 +217,25 @@ def _write_durable(path: Path, data: bytes, *, atomic: bool = True, sync_dir: bo
         os.replace(target, path)
     if sync_dir:
         _fsync_dir(path.parent)
+
+
+def _kick_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a file range's dirty pages back now, without waiting (and let the
+    page cache drop them once clean): the fsync that follows has less left to do, and a
+    batch of small files started together is committed by one journal transaction."""
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass
+
+
+def _fsync_paths(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -632,22 +673,33 @@ class DiskReplica:
                               blocks_changed=n_changed, layer=layer, meta=dict(meta),
                               cycle_id=w.cycle_id, base=w.base_point)
         with _space_errors():
-            if not rolling_forward:
+            if not rolling_forward and w.data_bytes >= w.roll_forward_bytes:
+                # a big cycle: the intent lets recovery finish this commit instead of
+                # having the sender send it all again (commit() checkpointed first)
                 _write_durable(w.dir / "commit.json", _json_bytes(
                     {"expected_digest": expected_digest.hex(), "consistency": consistency,
                      "created_at": created_at, "meta": meta}))
-            w.qcow.finalize()
+            # The layer, its hash files and the point record are written, then made
+            # durable together (their writeback started at once, so one journal commit
+            # carries most of it), and only then is the record renamed into place.
+            w.qcow.finalize(header_last=False, sync=False)
             layer.unlink(missing_ok=True)
             os.link(w.dir / "data.qcow2", layer)
-            _fsync_dir(self.layers_dir)
             full_due = latest is None or changes is None or \
                 self._deltas_since_full + n_changed > self.n_blocks // 4
+            written: list[Path] = []
             if changes is not None:
-                _write_durable(self.hashes_dir / f"{pid}.delta", _encode_delta(changes), atomic=False,
-                               sync_dir=not full_due)
+                written.append(self.hashes_dir / f"{pid}.delta")
+                _write_durable(written[-1], _encode_delta(changes), atomic=False, sync=False)
             if full_due:
-                _write_durable(self.hashes_dir / f"{pid}.full", _encode_full(table), atomic=False)
-            _write_durable(self.points_dir / f"{pid}.json", _json_bytes(point.to_json()))
+                written.append(self.hashes_dir / f"{pid}.full")
+                _write_durable(written[-1], _encode_full(table), atomic=False, sync=False)
+            record_tmp = self.points_dir / f"{pid}.json.tmp"
+            _write_durable(record_tmp, _json_bytes(point.to_json()), atomic=False, sync=False)
+            os.fsync(w.qcow.fd)
+            _fsync_paths(written + [record_tmp, self.layers_dir, self.hashes_dir])
+            os.replace(record_tmp, self.points_dir / f"{pid}.json")
+            _fsync_dir(self.points_dir)
         # committed
         self._points = pts + [point]
         self._table = (seq, table)
@@ -1024,6 +1076,7 @@ class CycleWriter:
     """
 
     checkpoint_bytes = CHECKPOINT_BYTES
+    roll_forward_bytes = ROLL_FORWARD_BYTES
 
     def __init__(self, disk: DiskReplica, cycle_id: str, sdir: Path, base_point: str | None,
                  seq: int, qcow: Qcow2Writer, journal_fd: int) -> None:
@@ -1050,25 +1103,31 @@ class CycleWriter:
         self._ckpt_thread: threading.Thread | None = None
         self._ckpt_stop = False
         self._ckpt_error: BaseException | None = None
+        self.data_bytes = 0  # bytes of data blocks written by this writer
+        self._setup_synced = True  # the staging's own files are durable (see _create)
+        self._wb_mark = qcow.next_offset  # staged data before this offset: writeback started
 
     # -- creation and resume -----------------------------------------------------------
     @classmethod
     def _create(cls, disk: DiskReplica, cycle_id: str, sdir: Path, base_point: str | None,
                 seq: int) -> CycleWriter:
+        # Nothing is fsynced here: until its first checkpoint a staging holds nothing
+        # durable to resume from (a crash may leave it half-written: it is then started
+        # over); the first checkpoint makes these files and directories durable.
         tmp = sdir.with_name(sdir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         backing = f"{base_point}.qcow2" if base_point else None
         _write_durable(tmp / "cycle.json", _json_bytes({"cycle_id": cycle_id, "base": base_point, "seq": seq,
-                                                         "size": disk.size}), sync_dir=False)
+                                                         "size": disk.size}), atomic=False, sync=False)
         _write_durable(tmp / "journal", _JHEAD.pack(JOURNAL_MAGIC, seq, disk.size, 0), atomic=False,
-                       sync_dir=False)
+                       sync=False)
         q = Qcow2Writer(tmp / "data.qcow2", disk.size, backing)
         q.close()
-        _fsync_dir(tmp)
         os.rename(tmp, sdir)
-        _fsync_dir(sdir.parent)
-        return cls._open(disk, cycle_id, sdir, base_point, seq)
+        w = cls._open(disk, cycle_id, sdir, base_point, seq)
+        w._setup_synced = False
+        return w
 
     @classmethod
     def _open(cls, disk: DiskReplica, cycle_id: str, sdir: Path, base_point: str | None,
@@ -1315,6 +1374,7 @@ class CycleWriter:
                 if not self._inflight:
                     self._idle.notify_all()
         rec = self._record(REC_DATA, index, off, dg)
+        kick = 0
         with self._lock:
             self._check_open()
             q.map_data(index, off)
@@ -1322,7 +1382,12 @@ class CycleWriter:
             self._pending.append(rec)
             self._pending_idx.append((index, 1))
             self._since_ckpt += CLUSTER_SIZE
+            self.data_bytes += length
             since = self._since_ckpt
+            if off + CLUSTER_SIZE - self._wb_mark >= WRITEBACK_BYTES:
+                kick, self._wb_mark = self._wb_mark, off + CLUSTER_SIZE
+        if kick:
+            _kick_writeback(q.fd, kick, off + CLUSTER_SIZE - kick)
         if since >= self.checkpoint_bytes:
             if since >= CHECKPOINT_LAG * self.checkpoint_bytes:
                 self.checkpoint()  # the background checkpoints fell behind: wait for one
@@ -1367,6 +1432,9 @@ class CycleWriter:
                     mv = mv[n:]
                     pos += n
                 os.fsync(self._jfd)
+                if not self._setup_synced:
+                    _fsync_paths([self.dir / "cycle.json", self.dir, self.dir.parent])
+                    self._setup_synced = True
             for start, count in idx:
                 if count == 1:
                     self.received.add(start)
@@ -1385,7 +1453,10 @@ class CycleWriter:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
             raise BadInput(f"point meta must be JSON: {e}") from e
-        self.checkpoint()
+        if self.data_bytes >= self.roll_forward_bytes:
+            self.checkpoint()  # the commit intent needs every staged block journaled
+        else:
+            self._raise_checkpoint_error()
         with self.disk._locked():
             self._check_open()
             return self.disk._commit_point(self, bytes(expected_digest), consistency, created_at, meta)
