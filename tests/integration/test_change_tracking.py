@@ -407,12 +407,7 @@ def test_disk_resized_while_protected(site: Site, make_vm: Callable[..., Vm], tm
         (d,) = session.disks
         assert d.resync_reason and "resized from 67108864 to 100663296" in d.resync_reason
         assert d.source.kind.name == "HASH_SCAN" and d.source.size == 96 * MiB
-    try:
-        res = site.cycle(vm.name)
-    except CycleFailed as exc:
-        if "resizing a protected disk is not supported" in str(exc):
-            pytest.xfail("the replica store cannot grow a replica yet (the agent refuses a size change)")
-        raise
+    res = site.cycle(vm.name)
     d = res.disk("vda")
     assert d.kind == "hash_scan" and "resized" in (d.resync_reason or "")
     _incremental(site.cycle(vm.name))

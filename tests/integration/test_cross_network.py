@@ -15,9 +15,9 @@ both as real `standby` processes with certificates from a CA made by `standby ca
 - a sender with a certificate from another CA is refused across the network and the
   agent logs one line naming the peer's address.
 
-Also: the agent stops at once on SIGTERM with streams stalled on a cut link; and a strict
-xfail test records a bug: a retry right after a link cut is refused while the agent still
-holds the dead cycle's session (see its reason).
+Also: the agent stops at once on SIGTERM with streams stalled on a cut link; and a retry
+right after a link cut resumes the seed (the new stream 0 takes over the dead cycle's
+quiet session, whose streams the agent also notices dead by TCP keepalive).
 
 Needs root (network namespaces) and qemu-img.
 """
@@ -392,7 +392,7 @@ def test_link_cut_during_a_seed_then_resume(pki: dict[str, Path], tmp_path: Path
 
             # Once the link is back, the dead connections' FINs reach the agent (or its
             # 120 s I/O timeout fires): the cycle fails there, its staged blocks are kept.
-            # (Retrying before the agent let go of them is refused: see the xfail below.)
+            # (A retry before that takes the quiet session over: see the test below.)
             text = agent.wait_for("failed:", timeout=150)
             assert "replica stays at point None; staged blocks kept" in text, text
             _wait_no_connections(sites, timeout=150)
@@ -446,12 +446,6 @@ print("up", flush=True); time.sleep(600)
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: after a link cut the agent keeps the dead cycle's session until every dead "
-                          "stream's FIN arrives or its 120 s I/O timeout fires (no dead-peer detection, and a "
-                          "new stream 0 of the same cycle does not take over; join_timeout is 10 s): a retry of "
-                          "the seed once the link is back is refused with exit 4 'cycle ... is in progress on "
-                          "another connection' instead of resuming")
 def test_retry_right_after_the_link_returns_resumes_the_seed(pki: dict[str, Path], tmp_path: Path) -> None:
     """The primary loses its connections while the link is down, without a word reaching
     the secondary (its sender restarted; or a reboot, or a NAT that forgot the flows).

@@ -197,7 +197,7 @@ def test_specific_faults_get_clear_errors(agent: tuple[Receiver, dict[str, tls.I
                                                                   1.0).encode(),
          p.ErrorCode.INTEGRITY, "the replica stays at point"),
         (hello + p.CycleBegin("cy", "0000000042", 0, 1).encode(), p.ErrorCode.CONFLICT, "is based on point"),
-        (p.Hello(DISK, SIZE + 4096, BLOCK_SIZE).encode(), p.ErrorCode.CONFLICT, "resizing"),
+        (p.Hello(DISK, SIZE - 4096, BLOCK_SIZE).encode(), p.ErrorCode.CONFLICT, "shrinking"),  # growing is allowed
         (hello + p.HashRequest(16, 5).encode(), p.ErrorCode.PROTOCOL, "outside the disk"),
         (p._frame_head(p.FrameType.DATA, 0, 2**31), p.ErrorCode.PROTOCOL, "oversized DATA frame"),
         (p._frame_head(99, 0, 0), p.ErrorCode.PROTOCOL, "unknown frame type 99"),

@@ -207,10 +207,20 @@ def test_seed_refused_over_existing_points_and_delta_needs_a_base(tmp_path: Path
         run_cycle(FullSource(img), endpoint(rx), ctx, "d")
         with pytest.raises(Conflict, match="already has recovery point"):
             run_cycle(FullSource(img), endpoint(rx), ctx, "d")
-        other = tmp_path / "other.img"
-        make_image(other, 8 * MiB)
-        with pytest.raises(Conflict, match="resizing"):
-            run_cycle(HashScanSource(other), endpoint(rx), ctx, "d")
+        smaller = tmp_path / "smaller.img"
+        make_image(smaller, 2 * MiB)
+        with pytest.raises(Conflict, match="shrinking"):
+            run_cycle(HashScanSource(smaller), endpoint(rx), ctx, "d")
+        # growing is allowed: a hash scan of the grown disk sends what differs from zeros
+        with img.open("r+b") as f:
+            f.truncate(8 * MiB)
+            f.seek(6 * MiB)
+            f.write(os.urandom(BLOCK_SIZE))
+        r = run_cycle(HashScanSource(img), endpoint(rx), ctx, "d")
+        assert r.digest == _digest(img) and r.data_blocks == 1
+        disk = ReplicaStore(tmp_path / "store").disk("d")
+        assert disk.size == 8 * MiB and disk.verify(r.point_id).ok
+        assert [disk.point_size(p) for p in disk.points()] == [4 * MiB, 8 * MiB]
 
 
 def test_offline_seed_then_catch_up(tmp_path: Path, pki: dict[str, tls.Identity]) -> None:

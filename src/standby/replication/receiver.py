@@ -30,11 +30,27 @@ sender closes, or for at most `error_linger` seconds.
 The receiver holds per connection at most one frame (<= 1 MiB + 16 bytes) and its
 decompressed block.
 
+Dead peers: accepted sockets use TCP keepalive with short probes (`keepalive`: idle,
+interval, count), so a stream whose sender vanished without a FIN or a reset (a cut link,
+a rebooted primary) fails in well under a minute instead of after `io_timeout`. And a new
+stream 0 (CYCLE_BEGIN of the same cycle on the same base, from the same sender
+certificate) takes over a session whose streams have been quiet for `takeover_quiet`
+seconds: the stale streams' sockets are shut down, they leave the session (its staged
+blocks are checkpointed, as after any failure), and the cycle resumes on the new
+connection. Two live sessions never write the same cycle: the takeover waits until every
+stale stream has left before the store reopens the cycle.
+
+Growing disks: a HELLO announcing a larger size than the replica's is accepted (the
+replica grows with the next point, see `DiskReplica.resize`); a smaller one is refused.
+HELLO_OK then reports the new size and, as the latest digest, that of the latest point
+read at the new size (grown blocks are zeros), which the HASHES tables hash to.
+
 Logs: one line per committed or failed cycle, one per refused connection.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import socket
@@ -115,7 +131,10 @@ class Session:
     cycle_id: str
     base_point: str | None
     stream_count: int
+    identity: str = ""  # sha256 of the sender's certificate
     started: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)  # a frame on any stream
+    taken_over: bool = False
     members: dict[int, socket.socket] = field(default_factory=dict)
     ended: dict[int, tuple[int, int]] = field(default_factory=dict)
     failed: str | None = None
@@ -133,7 +152,8 @@ class Receiver:
     def __init__(self, store: ReplicaStore, context: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0,
                  *, handshake_timeout: float = 10.0, io_timeout: float = 120.0,
                  checkpoint_interval: float = 5.0, join_timeout: float = 10.0,
-                 error_linger: float = 10.0) -> None:
+                 error_linger: float = 10.0, keepalive: tuple[int, int, int] | None = (10, 5, 3),
+                 takeover_quiet: float = 3.0) -> None:
         self.store = store
         self.context = context
         self.handshake_timeout = handshake_timeout
@@ -141,6 +161,8 @@ class Receiver:
         self.checkpoint_interval = checkpoint_interval
         self.join_timeout = join_timeout
         self.error_linger = error_linger
+        self.keepalive = keepalive
+        self.takeover_quiet = takeover_quiet
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=64)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._sessions: dict[str, Session | None] = {}
@@ -209,6 +231,15 @@ class Receiver:
         try:
             raw.settimeout(self.handshake_timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.keepalive:
+                idle, intvl, cnt = self.keepalive
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
+                # unacknowledged data (an ERROR sent into a cut link) gives up as soon
+                if hasattr(socket, "TCP_USER_TIMEOUT"):
+                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + intvl * cnt) * 1000)
             try:
                 sock = self.context.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError) as exc:
@@ -220,7 +251,10 @@ class Receiver:
                 self._conns.discard(raw)
                 self._conns.add(sock)
             sock.settimeout(self.io_timeout)
-            _Connection(self, sock, peer, peer_name(sock)).run()
+            cert = sock.getpeercert(binary_form=True) or b""
+            conn = _Connection(self, sock, peer, peer_name(sock))
+            conn.identity = hashlib.sha256(cert).hexdigest()
+            conn.run()
         except Exception:  # noqa: BLE001 - a bug must not kill the agent
             log.exception("connection from %s: internal error", peer)
         finally:
@@ -235,30 +269,61 @@ class Receiver:
                 self._threads.discard(threading.current_thread())
 
     # -- sessions ------------------------------------------------------------------------
-    def open_session(self, disk: DiskReplica, begin: CycleBegin, sock: socket.socket) -> Session:
+    def open_session(self, disk: DiskReplica, begin: CycleBegin, sock: socket.socket, *,
+                     identity: str = "", size: int | None = None, peer: str = "") -> Session:
         deadline = time.monotonic() + self.join_timeout
         with self._lock:
             while disk.disk_id in self._sessions:
+                old = self._sessions[disk.disk_id]
+                if old is not None and self._may_take_over(old, begin, identity):
+                    self._take_over(old, peer)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    old = self._sessions[disk.disk_id]
                     what = f"cycle {old.cycle_id}" if old else "a cycle"
                     raise Conflict(f"disk {disk.disk_id}: {what} is in progress on another connection")
                 self._lock.wait(min(left, 0.5))
             self._sessions[disk.disk_id] = None  # reserved while the store opens the cycle
         try:
+            if size is not None and size != disk.size:
+                disk.resize(size)  # grows (a smaller size is refused)
             writer = disk.begin_cycle(begin.cycle_id, begin.base_point)
         except BaseException:
             with self._lock:
                 del self._sessions[disk.disk_id]
                 self._lock.notify_all()
             raise
-        session = Session(disk, writer, begin.cycle_id, begin.base_point, begin.stream_count)
+        session = Session(disk, writer, begin.cycle_id, begin.base_point, begin.stream_count, identity)
         session.members[0] = sock
         with self._lock:
             self._sessions[disk.disk_id] = session
             self._lock.notify_all()
         return session
+
+    def _may_take_over(self, old: Session, begin: CycleBegin, identity: str) -> bool:
+        """A new stream 0 may take over `old` (lock held): same cycle, same base, same sender
+        certificate, and no frame on any of its streams for `takeover_quiet` seconds."""
+        return (not old.finished and old.cycle_id == begin.cycle_id and old.base_point == begin.base_point
+                and bool(identity) and old.identity == identity
+                and time.monotonic() - old.last_activity >= self.takeover_quiet)
+
+    def _take_over(self, old: Session, peer: str) -> None:
+        """Fail the stale session and shut down its streams' sockets (lock held): they leave
+        it (the last one checkpoints the staged blocks) and the caller waits for that."""
+        if old.taken_over:
+            return
+        old.taken_over = True
+        if old.failed is None:
+            old.failed = f"taken over by a new connection from {peer}"
+            old.failed_code = ErrorCode.REMOTE
+            self.stats["failed_cycles"] += 1
+        log.warning("disk %s cycle %s: streams quiet for %.0f s; taken over by a new connection from %s "
+                    "(staged blocks kept)", old.disk.disk_id, old.cycle_id, time.monotonic() - old.last_activity,
+                    peer)
+        for s in list(old.members.values()):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def join_session(self, disk_id: str, begin: CycleBegin, sock: socket.socket) -> Session:
         deadline = time.monotonic() + self.join_timeout
@@ -336,6 +401,7 @@ def staged_cycle(disk: DiskReplica) -> tuple[str, str | None] | None:
 
 class _Connection:
     def __init__(self, server: Receiver, sock: ssl.SSLSocket, peer: str, name: str) -> None:
+        self.identity = ""
         self.server = server
         self.sock = sock
         self.peer = peer
@@ -370,6 +436,8 @@ class _Connection:
                     elif s is not None:
                         error = f"stream {self.stream_index} from {self.peer} closed before the cycle ended"
                     return
+                if self.session is not None:
+                    self.session.last_activity = time.monotonic()
                 self.seq.accept(msg)
                 if isinstance(msg, Error):
                     error = f"the sender reported: {msg.message}"
@@ -473,19 +541,27 @@ class _Connection:
             self.disk = None
         latest = resume = None
         if self.disk is not None:
-            if self.disk.size != msg.size:
+            if msg.size < self.disk.size:
                 raise Conflict(f"the replica of disk {msg.disk_id} is {self.disk.size} bytes, the sender says "
-                               f"{msg.size}: resizing a protected disk is not supported")
+                               f"{msg.size}: shrinking a protected disk is not supported")
+            # a larger size grows the replica with the next point (at CYCLE_BEGIN)
             latest = self.disk.latest()
             resume = staged_cycle(self.disk)
-        self.send(HelloOk(latest.id if latest else None, bytes.fromhex(latest.digest) if latest else None,
-                          self.disk.size if self.disk else 0,
+        digest = bytes.fromhex(latest.digest) if latest else None
+        if latest is not None and self.disk is not None and msg.size > self.disk.size:
+            # growing: the latest point read at the new size (zeros beyond its end), which is
+            # what the block table sent on HASH_REQUEST hashes to
+            self.table = self.disk.block_hashes(msg.size)
+            digest = self.table.disk_digest()
+        self.send(HelloOk(latest.id if latest else None, digest,
+                          max(self.disk.size, msg.size) if self.disk else 0,
                           resume[0] if resume else None, resume[1] if resume else None, 0, 0))
 
     def on_hash_request(self, msg: HashRequest) -> None:
         assert self.hello is not None
         if self.table is None:
-            self.table = self.disk.block_hashes() if self.disk is not None else HashTable(self.hello.size)
+            self.table = self.disk.block_hashes(self.hello.size) if self.disk is not None \
+                else HashTable(self.hello.size)
         n = self.table.n_blocks
         if msg.first_block >= n or msg.first_block + msg.count > n:
             raise ProtocolError(f"HASH_REQUEST: blocks {msg.first_block}..{msg.first_block + msg.count - 1} "
@@ -500,7 +576,8 @@ class _Connection:
         if msg.stream_index == 0:
             if self.disk is None:
                 self.disk = self.server.store.create_disk(self.hello.disk_id, self.hello.size)
-            session = self.server.open_session(self.disk, msg, self.sock)
+            session = self.server.open_session(self.disk, msg, self.sock, identity=self.identity,
+                                               size=self.hello.size, peer=self.peer)
             self.session = session
             received = set(session.writer.received)
             frames = resume_frames(received, self.disk.n_blocks)

@@ -269,13 +269,17 @@ class RecoveryPoint:
     meta: dict[str, Any] = field(default_factory=dict)
     cycle_id: str = ""
     base: str | None = None
+    size: int | None = None  # the point's virtual size (None in records written before resizes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": 1, "id": self.id, "seq": self.seq, "created_at": self.created_at,
-                "consistency": self.consistency, "digest": self.digest,
-                "bytes_changed": self.bytes_changed, "blocks_changed": self.blocks_changed,
-                "layer": self.layer.name, "cycle_id": self.cycle_id, "base": self.base,
-                "meta": self.meta}
+        d = {"format": 1, "id": self.id, "seq": self.seq, "created_at": self.created_at,
+             "consistency": self.consistency, "digest": self.digest,
+             "bytes_changed": self.bytes_changed, "blocks_changed": self.blocks_changed,
+             "layer": self.layer.name, "cycle_id": self.cycle_id, "base": self.base,
+             "meta": self.meta}
+        if self.size is not None:
+            d["size"] = self.size
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any], layers_dir: Path) -> RecoveryPoint:
@@ -283,7 +287,8 @@ class RecoveryPoint:
                    consistency=d["consistency"], digest=d["digest"],
                    bytes_changed=int(d["bytes_changed"]), blocks_changed=int(d["blocks_changed"]),
                    layer=layers_dir / d["layer"], meta=dict(d.get("meta") or {}),
-                   cycle_id=d.get("cycle_id", ""), base=d.get("base"))
+                   cycle_id=d.get("cycle_id", ""), base=d.get("base"),
+                   size=int(d["size"]) if d.get("size") is not None else None)
 
 
 @dataclass(frozen=True)
@@ -445,7 +450,10 @@ class DiskReplica:
         if info.get("format") != FORMAT:
             raise IntegrityError(f"{path}/disk.json: unknown format {info.get('format')!r}")
         self.disk_id: str = info["disk_id"]
-        self.size: int = int(info["size"])
+        # disk.json's size is the size at creation and is never rewritten: a grown disk's
+        # size is carried by the point records (durable with the point that grew it)
+        self.created_size: int = int(info["size"])
+        self.size: int = self.created_size
         self.n_blocks = n_blocks(self.size)
         self.layers_dir = path / "layers"
         self.points_dir = path / "points"
@@ -458,6 +466,7 @@ class DiskReplica:
         self._flock_depth = 0
         self._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         self._points: list[RecoveryPoint] = []
+        self._pending_size: int | None = None  # resize(): the size of the next point
         self._table: tuple[int, HashTable] | None = None
         self._deltas_since_full = 0
         self._active: CycleWriter | None = None
@@ -500,7 +509,40 @@ class DiskReplica:
             pts.append(pt)
         pts.sort(key=lambda x: x.seq)
         self._points = pts
+        current = self.point_size(pts[-1]) if pts else self.created_size
+        self._set_size(max(current, self._pending_size or 0))
         return pts
+
+    def point_size(self, point: RecoveryPoint) -> int:
+        """The virtual size of a point (a grown disk's older points keep their smaller size)."""
+        return point.size if point.size is not None else self.created_size
+
+    def _set_size(self, size: int) -> None:
+        self.size = size
+        self.n_blocks = n_blocks(size)
+
+    def resize(self, new_size: int) -> None:
+        """Grow the replica to `new_size` bytes: the next cycle's layer has that size, backed
+        by the smaller previous layer (read beyond its end as zeros), and the block table
+        grows with zero-block digests. The size becomes durable only with the point that
+        the next cycle commits (a crash before that leaves the replica at its old size; a
+        resumed cycle at the new size picks its staging up again). Shrinking is refused."""
+        if not isinstance(new_size, int) or new_size <= 0 or new_size % 512:
+            raise BadInput(f"disk size must be a positive multiple of 512 bytes, got {new_size!r}")
+        with self._locked():
+            pts = self._scan_points()
+            current = self.point_size(pts[-1]) if pts else self.created_size
+            if new_size < current:
+                raise Conflict(f"the replica of disk {self.disk_id} is {current} bytes, the source is "
+                               f"{new_size}: shrinking a protected disk is not supported")
+            if new_size == self.size:
+                return
+            if self._active is not None:
+                self._active._detach(keep=True)
+                self._active = None
+            self._pending_size = new_size
+            self._set_size(new_size)
+            log.info("disk %s: growing from %d to %d bytes with the next point", self.disk_id, current, new_size)
 
     def points(self) -> list[RecoveryPoint]:
         """Every retained point, oldest first."""
@@ -529,11 +571,35 @@ class DiskReplica:
         return out
 
     # -- hashes ---------------------------------------------------------------------
-    def block_hashes(self) -> HashTable:
-        """Block digests of the latest point (an all-zero disk's table when there is none)."""
+    def block_hashes(self, size: int | None = None) -> HashTable:
+        """Block digests of the latest point (an all-zero disk's table when there is none), at
+        the disk's current size or at `size` when larger (grown blocks read as zeros)."""
         with self._locked():
             pts = self._scan_points()
-            return self._latest_table(pts[-1] if pts else None).copy()
+            return self._grown(self._latest_table(pts[-1] if pts else None), pts[-1] if pts else None,
+                               max(size or 0, self.size))
+
+    def _grown(self, table: HashTable, latest: RecoveryPoint | None, size: int | None = None) -> HashTable:
+        """`table` (of `latest`) at `size` (default the disk's current size): new blocks read as zeros."""
+        size = size or self.size
+        if table.size == size:
+            return table.copy()
+        if table.size > size:
+            raise IntegrityError(f"disk {self.disk_id}: block table of {table.size} bytes, disk {size}")
+        old_n = table.n_blocks
+        new_n = n_blocks(size)
+        data = bytearray(table.to_bytes())
+        data += bytes((new_n - old_n) * DIGEST_SIZE)
+        for i in range(old_n, new_n):
+            data[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = zero_block_digest(block_length(size, i))
+        if table.size % BLOCK_SIZE and old_n:
+            # the old short last block is now longer: its tail reads as zeros
+            last = old_n - 1
+            with Qcow2Chain(latest.layer) as chain:  # type: ignore[union-attr]
+                block = chain.read_block(last)
+            block += bytes(block_length(size, last) - len(block))
+            data[last * DIGEST_SIZE:(last + 1) * DIGEST_SIZE] = block_digest(block)
+        return HashTable(size, data)
 
     def _latest_table(self, latest: RecoveryPoint | None) -> HashTable:
         if latest is None:
@@ -559,7 +625,8 @@ class DiskReplica:
         for f in fulls:
             if f > latest.seq:
                 continue
-            table = _decode_full((self.hashes_dir / f"{_point_id(f)}.full").read_bytes(), self.size)
+            table = _decode_full((self.hashes_dir / f"{_point_id(f)}.full").read_bytes(),
+                                 self.point_size(latest))
             if table is None:
                 continue
             count = 0
@@ -588,18 +655,19 @@ class DiskReplica:
                 p.unlink(missing_ok=True)
 
     def _table_from_chain(self, point: RecoveryPoint, points: list[RecoveryPoint]) -> HashTable:
-        data = bytearray(self.n_blocks * DIGEST_SIZE)
+        size = self.point_size(point)
+        data = bytearray(n_blocks(size) * DIGEST_SIZE)
         with Qcow2Chain(point.layer) as chain:
             self._check_chain(point, chain, points)
-            for i in range(self.n_blocks):
+            for i in range(n_blocks(size)):
                 loc = chain.locate(i)
-                length = block_length(self.size, i)
+                length = block_length(size, i)
                 if loc is None:
                     d = zero_block_digest(length)
                 else:
                     d = block_digest(loc[0].read_cluster(loc[1])[:length])
                 data[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = d
-        return HashTable(self.size, data)
+        return HashTable(size, data)
 
     def _check_chain(self, point: RecoveryPoint, chain: Qcow2Chain, points: list[RecoveryPoint]) -> None:
         """The chain of `point` must be exactly the layers of the points up to it."""
@@ -607,9 +675,10 @@ class DiskReplica:
         got = [r.path.name for r in chain.layers]
         if got != expected:
             raise IntegrityError(f"disk {self.disk_id}: chain of point {point.id} is {got}, expected {expected}")
+        sizes = {p.layer.name: self.point_size(p) for p in points}
         for r in chain.layers:
-            if r.size != self.size:
-                raise IntegrityError(f"{r.path}: virtual size {r.size}, disk size {self.size}")
+            if r.size != sizes.get(r.path.name):
+                raise IntegrityError(f"{r.path}: virtual size {r.size}, its point's size {sizes.get(r.path.name)}")
 
     # -- cycles ---------------------------------------------------------------------
     def begin_cycle(self, cycle_id: str, base_point: str | None) -> CycleWriter:
@@ -657,6 +726,9 @@ class DiskReplica:
             raise Conflict(f"disk {self.disk_id}: the replica moved to {latest.id if latest else None} "
                            f"while cycle {w.cycle_id} was staged on {w.base_point}")
         base_table = self._latest_table(latest)
+        resized = base_table.size != self.size
+        if resized:
+            base_table = self._grown(base_table, latest)
         table, changes, n_changed, bytes_changed = w._apply_changes(base_table, self.n_blocks // 4)
         digest = table.disk_digest()
         if digest != expected_digest:
@@ -671,7 +743,7 @@ class DiskReplica:
         point = RecoveryPoint(id=pid, seq=seq, created_at=float(created_at), consistency=consistency,
                               digest=digest.hex(), bytes_changed=bytes_changed,
                               blocks_changed=n_changed, layer=layer, meta=dict(meta),
-                              cycle_id=w.cycle_id, base=w.base_point)
+                              cycle_id=w.cycle_id, base=w.base_point, size=self.size)
         with _space_errors():
             if not rolling_forward and w.data_bytes >= w.roll_forward_bytes:
                 # a big cycle: the intent lets recovery finish this commit instead of
@@ -685,7 +757,7 @@ class DiskReplica:
             w.qcow.finalize(header_last=False, sync=False)
             layer.unlink(missing_ok=True)
             os.link(w.dir / "data.qcow2", layer)
-            full_due = latest is None or changes is None or \
+            full_due = latest is None or changes is None or resized or \
                 self._deltas_since_full + n_changed > self.n_blocks // 4
             written: list[Path] = []
             if changes is not None:
@@ -774,7 +846,7 @@ class DiskReplica:
         if actual != point.digest:
             problems.append(f"disk digest {actual} differs from the recorded {point.digest}")
         return VerifyResult(point.id, actual == point.digest and not mismatched and not problems,
-                            point.digest, actual, self.n_blocks, time.perf_counter() - t0,
+                            point.digest, actual, table.n_blocks, time.perf_counter() - t0,
                             mismatched, problems)
 
     # -- retention ------------------------------------------------------------------
@@ -817,10 +889,13 @@ class DiskReplica:
             w = Qcow2Writer.open_existing(lower)
             try:
                 live = w.data_clusters()
-                overridden = sum(1 for i, e in up_entries if w.entry(i) and not w.entry(i) & OFLAG_ZERO)
-                new_data = sum(1 for _i, e in up_entries if not e & OFLAG_ZERO)
-                garbage = w.garbage_clusters + overridden
-                compact = garbage > live - overridden + new_data
+                # a grown disk: the merged layer takes the upper's (larger) size, in a new file
+                compact = w.size != up.size
+                if not compact:
+                    overridden = sum(1 for i, e in up_entries if w.entry(i) and not w.entry(i) & OFLAG_ZERO)
+                    new_data = sum(1 for _i, e in up_entries if not e & OFLAG_ZERO)
+                    garbage = w.garbage_clusters + overridden
+                    compact = garbage > live - overridden + new_data
             except BaseException:
                 w.close()
                 raise
@@ -847,7 +922,7 @@ class DiskReplica:
         """Compaction: write the merged layer as a new file, then rename it over `upper`."""
         tmp = upper.with_name(upper.name + ".merge.tmp")
         with Qcow2Reader(lower) as lo:
-            w = Qcow2Writer(tmp, self.size, lo.backing)
+            w = Qcow2Writer(tmp, up.size, lo.backing)
             try:
                 srcs = (lo, up)
                 for i, which, e in _merge_entries(lo.iter_entries(), iter(up_entries)):
@@ -874,13 +949,14 @@ class DiskReplica:
             points_snapshot = list(self._points)
         dest.mkdir(parents=True, exist_ok=True)
         img = dest / "seed.qcow2"
-        data = bytearray(self.n_blocks * DIGEST_SIZE)
+        size = self.point_size(point)
+        data = bytearray(n_blocks(size) * DIGEST_SIZE)
         with Qcow2Chain(point.layer) as chain:
             self._check_chain(point, chain, points_snapshot)
-            with _space_errors(), Qcow2Writer(img, self.size, None) as w:
-                for i in range(self.n_blocks):
+            with _space_errors(), Qcow2Writer(img, size, None) as w:
+                for i in range(n_blocks(size)):
                     loc = chain.locate(i)
-                    length = block_length(self.size, i)
+                    length = block_length(size, i)
                     if loc is None:
                         d = zero_block_digest(length)
                     else:
@@ -889,14 +965,14 @@ class DiskReplica:
                         if block != _ZERO_BLOCK[:length]:
                             w.write_block(i, block)
                     data[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] = d
-                table = HashTable(self.size, data)
+                table = HashTable(size, data)
                 if table.disk_digest().hex() != point.digest:
                     raise IntegrityError(f"disk {self.disk_id}: point {point.id} does not match its digest; "
                                          "not exporting a corrupt seed")
                 w.finalize()
         _write_durable(dest / "seed.hashes", _encode_full(table))
         _write_durable(dest / "seed.json", _json_bytes({
-            "format": SEED_FORMAT, "disk_id": self.disk_id, "size": self.size, "block_size": BLOCK_SIZE,
+            "format": SEED_FORMAT, "disk_id": self.disk_id, "size": size, "block_size": BLOCK_SIZE,
             "point": point.id, "digest": point.digest, "created_at": point.created_at,
             "consistency": point.consistency, "meta": point.meta, "image": "seed.qcow2",
             "hashes": "seed.hashes"}))
@@ -996,6 +1072,9 @@ class DiskReplica:
             cyc = json.loads((sdir / "cycle.json").read_text())
             pts = self._points
             latest = pts[-1] if pts else None
+            if int(cyc["size"]) > self.size:
+                self._pending_size = int(cyc["size"])  # the cycle grows the disk
+                self._set_size(int(cyc["size"]))
             w = CycleWriter._resume(self, sdir.name, sdir, latest.id if latest else None,
                                     (latest.seq if latest else 0) + 1, clear=False)
         except (OSError, ValueError, KeyError, StandbyError) as e:
