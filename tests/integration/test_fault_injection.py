@@ -848,6 +848,7 @@ def test_full_disk_on_the_secondary(tmp_path: Path, pki: dict[str, tls.Identity]
         # 2. deltas that do not fit: on a nearly full disk, or leaving room for the data but
         #    not for the commit's metadata
         failures = 0
+        struck: Counter[str] = Counter()
         cases = [(40, 16 * 1024), (40, 1024 * 1024), (8, 8 * BLOCK_SIZE + 64 * 1024),
                  (8, 8 * BLOCK_SIZE + 160 * 1024), (20, 300 * 1024), (8, 8 * BLOCK_SIZE)]
         rng.shuffle(cases)
@@ -863,9 +864,14 @@ def test_full_disk_on_the_secondary(tmp_path: Path, pki: dict[str, tls.Identity]
             before = replica.latest_seq
             if r.returncode == 0:
                 pending = set()
+                struck["fitted"] += 1
             else:
                 assert_out_of_space(r, c)
                 failures += 1
+                # every block of the cycle durably staged: the disk filled up in the commit
+                durable, _ = durable_staged_blocks(store / "disks" / disk_id)
+                n_data = len(source.differing_blocks(replica.latest_table))
+                struck["in commit" if durable == n_data else "while staging"] += 1
             probe(to, ctx_tls, disk_id, size)
             replica.check(source, must_add=r.returncode == 0, ctx=c)
             if r.returncode != 0:
@@ -886,6 +892,7 @@ def test_full_disk_on_the_secondary(tmp_path: Path, pki: dict[str, tls.Identity]
                 pending = set()
             filler.unlink(missing_ok=True)
             replica.prune(KEEP_POINTS)
+        print(f"fault injection: full disk: deltas {dict(struck)}")
         assert failures >= 4, f"only {failures} cycles ran out of space"
         replica.compare_latest_with(img, tmp_path)
     finally:
