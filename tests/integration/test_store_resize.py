@@ -154,3 +154,9 @@ def test_crash_inside_the_resizing_commit_rolls_forward(tmp_path: Path, monkeypa
     assert [p.id for p in pts] == [p1.id, "0000000002"] and reopened.size == NEW
     _compare(new, pts[-1].layer)
     _compare(old, pts[0].layer)
+
+
+def test_grown_digest_matches_the_grown_table(tmp_path: Path) -> None:
+    disk, _p1, _old, _new, _blocks = _setup(tmp_path)
+    for size in (OLD, OLD + 512, OLD + BLOCK_SIZE, NEW, 64 * MiB):
+        assert disk.grown_digest(size) == disk.block_hashes(size).disk_digest()

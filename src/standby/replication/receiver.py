@@ -95,6 +95,8 @@ from standby.replication.tls import describe_tls_error, peer_name
 
 log = logging.getLogger("standby.agent")
 
+MAX_DISK_SIZE = 64 << 40  # 64 TiB: a replica's block table is held in memory (16 bytes a 64 KiB block)
+
 
 class SessionFailed(StandbyError):
     """Another stream of the same cycle failed. `code` is the wire code of that stream's
@@ -534,6 +536,10 @@ class _Connection:
             raise ProtocolError(f"sender speaks protocol version {msg.version}")
         if msg.block_size != BLOCK_SIZE:
             raise ProtocolError(f"HELLO: block size {msg.block_size}; this agent's replicas use {BLOCK_SIZE}")
+        if msg.size <= 0 or msg.size % 512:
+            raise ProtocolError(f"HELLO: disk size {msg.size} is not a positive multiple of 512 bytes")
+        if msg.size > MAX_DISK_SIZE:
+            raise ProtocolError(f"HELLO: disk size {msg.size} is above this agent's limit of {MAX_DISK_SIZE} bytes")
         self.hello = msg
         try:
             self.disk = self.server.store.disk(msg.disk_id)
@@ -541,20 +547,20 @@ class _Connection:
             self.disk = None
         latest = resume = None
         if self.disk is not None:
-            if msg.size < self.disk.size:
-                raise Conflict(f"the replica of disk {msg.disk_id} is {self.disk.size} bytes, the sender says "
-                               f"{msg.size}: shrinking a protected disk is not supported")
+            self.disk.latest()  # rescans: committed_size is current
+            if msg.size < self.disk.committed_size:
+                raise Conflict(f"the replica of disk {msg.disk_id} is {self.disk.committed_size} bytes, the "
+                               f"sender says {msg.size}: shrinking a protected disk is not supported")
             # a larger size grows the replica with the next point (at CYCLE_BEGIN)
             latest = self.disk.latest()
             resume = staged_cycle(self.disk)
         digest = bytes.fromhex(latest.digest) if latest else None
-        if latest is not None and self.disk is not None and msg.size > self.disk.size:
+        if latest is not None and self.disk is not None and msg.size > self.disk.committed_size:
             # growing: the latest point read at the new size (zeros beyond its end), which is
             # what the block table sent on HASH_REQUEST hashes to
-            self.table = self.disk.block_hashes(msg.size)
-            digest = self.table.disk_digest()
+            digest = self.disk.grown_digest(msg.size)
         self.send(HelloOk(latest.id if latest else None, digest,
-                          max(self.disk.size, msg.size) if self.disk else 0,
+                          msg.size if self.disk else 0,
                           resume[0] if resume else None, resume[1] if resume else None, 0, 0))
 
     def on_hash_request(self, msg: HashRequest) -> None:

@@ -513,6 +513,13 @@ class DiskReplica:
         self._set_size(max(current, self._pending_size or 0))
         return pts
 
+    @property
+    def committed_size(self) -> int:
+        """The size of the latest point (the creation size while there is none): what a
+        crash leaves, whatever `resize` set for the next point."""
+        pts = self._points
+        return self.point_size(pts[-1]) if pts else self.created_size
+
     def point_size(self, point: RecoveryPoint) -> int:
         """The virtual size of a point (a grown disk's older points keep their smaller size)."""
         return point.size if point.size is not None else self.created_size
@@ -526,7 +533,8 @@ class DiskReplica:
         by the smaller previous layer (read beyond its end as zeros), and the block table
         grows with zero-block digests. The size becomes durable only with the point that
         the next cycle commits (a crash before that leaves the replica at its old size; a
-        resumed cycle at the new size picks its staging up again). Shrinking is refused."""
+        resumed cycle at the new size picks its staging up again). Shrinking below the
+        committed size is refused; `resize(committed_size)` cancels a pending growth."""
         if not isinstance(new_size, int) or new_size <= 0 or new_size % 512:
             raise BadInput(f"disk size must be a positive multiple of 512 bytes, got {new_size!r}")
         with self._locked():
@@ -540,7 +548,7 @@ class DiskReplica:
             if self._active is not None:
                 self._active._detach(keep=True)
                 self._active = None
-            self._pending_size = new_size
+            self._pending_size = new_size if new_size > current else None
             self._set_size(new_size)
             log.info("disk %s: growing from %d to %d bytes with the next point", self.disk_id, current, new_size)
 
@@ -573,11 +581,40 @@ class DiskReplica:
     # -- hashes ---------------------------------------------------------------------
     def block_hashes(self, size: int | None = None) -> HashTable:
         """Block digests of the latest point (an all-zero disk's table when there is none), at
-        the disk's current size or at `size` when larger (grown blocks read as zeros)."""
+        the disk's current size, or at `size` (at least the committed size; grown blocks
+        read as zeros)."""
         with self._locked():
             pts = self._scan_points()
-            return self._grown(self._latest_table(pts[-1] if pts else None), pts[-1] if pts else None,
-                               max(size or 0, self.size))
+            if not pts:
+                return HashTable(size or self.size)
+            return self._grown(self._latest_table(pts[-1]), pts[-1], size or self.size)
+
+    def grown_digest(self, size: int) -> bytes:
+        """The disk digest of the latest point read at `size` (>= its size; grown blocks are
+        zeros), computed without building the grown table (cheap for large growths)."""
+        with self._locked():
+            pts = self._scan_points()
+            if not pts:
+                return HashTable(size).disk_digest()
+            table = self._latest_table(pts[-1])
+            if table.size == size:
+                return table.disk_digest()
+            if table.size > size:
+                raise IntegrityError(f"disk {self.disk_id}: block table of {table.size} bytes, disk {size}")
+            if table.size % BLOCK_SIZE:
+                return self._grown(table, pts[-1], size).disk_digest()  # a short last block changes
+            h = xxhash.xxh3_128()
+            h.update(table.to_bytes())
+            new_n, old_n = n_blocks(size), table.n_blocks
+            full = new_n - old_n - (1 if size % BLOCK_SIZE else 0)
+            chunk = zero_block_digest(BLOCK_SIZE) * 65536
+            while full > 0:
+                k = min(full, 65536)
+                h.update(chunk[:k * DIGEST_SIZE])
+                full -= k
+            if size % BLOCK_SIZE:
+                h.update(zero_block_digest(size % BLOCK_SIZE))
+            return h.digest()
 
     def _grown(self, table: HashTable, latest: RecoveryPoint | None, size: int | None = None) -> HashTable:
         """`table` (of `latest`) at `size` (default the disk's current size): new blocks read as zeros."""
