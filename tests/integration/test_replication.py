@@ -331,3 +331,28 @@ def test_resumed_seed_of_a_changed_image_starts_over(tmp_path: Path, pki: dict[s
     assert not r.resumed  # the agent refused the stale resume by digest; the seed ran again whole
     assert r.digest == _digest(img)
     assert ReplicaStore(tmp_path / "store").disk("s").verify(r.point_id).ok
+
+
+def test_cli_replicate_timeout_option(tmp_path: Path) -> None:
+    """`--timeout SECONDS` sets the sender's I/O timeout: an agent that accepts the TCP
+    connection and then says nothing is given up on after that long (default 60 s)."""
+    import socket
+
+    env = dict(os.environ, COLUMNS="200", STANDBY_SENDER_STATE=str(tmp_path / "state"))
+    helptext = _cli("replicate", "--help", env=env).stdout
+    assert "--timeout" in helptext and "SECONDS" in helptext
+    _cli("ca", "init", str(tmp_path / "ca"), env=env)
+    _cli("ca", "issue", str(tmp_path / "ca"), "sender", "--san", "127.0.0.1", env=env)
+    env.update(STANDBY_TLS_CERT=str(tmp_path / "ca" / "sender.crt"),
+               STANDBY_TLS_KEY=str(tmp_path / "ca" / "sender.key"), STANDBY_TLS_CA=str(tmp_path / "ca" / "ca.crt"))
+    img = tmp_path / "disk.img"
+    make_image(img, 1 * MiB)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts: no TLS answer
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        bad = _cli("replicate", str(img), "--to", f"127.0.0.1:{port}", "--disk-id", "x", "--seed",
+                   "--timeout", "2", env=env, check=False)
+        elapsed = time.monotonic() - t0
+    assert bad.returncode == 5, bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert elapsed < 15, elapsed

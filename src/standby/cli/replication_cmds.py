@@ -166,6 +166,9 @@ def replicate_cmd(
     consistency: str = typer.Option("crash", "--consistency", help="crash or app."),
     state_dir: Path = typer.Option(None, "--state-dir", envvar="STANDBY_SENDER_STATE",
                                    help="Sender state directory (default ~/.local/state/standby/sender)."),
+    timeout: float = typer.Option(60.0, "--timeout", min=1.0, metavar="SECONDS",
+                                  help="The sender's I/O timeout: give up on the agent when a connect, a "
+                                       "send or an expected answer takes longer than this (default 60)."),
     cert: Path = _CERT, key: Path = _KEY, ca: Path = _CA,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
 ) -> None:
@@ -183,7 +186,7 @@ def replicate_cmd(
     opts = SenderOptions(streams=streams, compress="off" if no_compress else compress_mode(compress),
                          schedule=_schedule(bwlimit, schedule),
                          state_dir=state_dir or Path.home() / ".local" / "state" / "standby" / "sender",
-                         consistency=Consistency.from_label(consistency))
+                         consistency=Consistency.from_label(consistency), timeout=timeout)
     if changed_extents:
         source: Any = ExtentSource(image, read_extents_file(changed_extents))
     elif hash_scan:
@@ -191,7 +194,7 @@ def replicate_cmd(
     elif seed:
         source = FullSource(image)
     else:
-        hello = probe(endpoint, ctx, disk_id, FullSource(image).size)
+        hello = probe(endpoint, ctx, disk_id, FullSource(image).size, timeout=timeout)
         source = FullSource(image) if hello.latest_point is None else HashScanSource(image)
     if as_json:
         result = run_cycle(source, endpoint, ctx, disk_id, opts)
