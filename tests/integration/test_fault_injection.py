@@ -905,10 +905,6 @@ def test_full_disk_on_the_secondary(tmp_path: Path, pki: dict[str, tls.Identity]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="sender bug: it reads nothing from a stream while it sends, so it "
-                                       "ignores the agent's ERROR until the end of its stream (the rest of the "
-                                       "cycle is pushed for nothing), and a cycle outlasting the agent's linger "
-                                       "fails as 'connection lost' (exit 5), not with the agent's cause")
 def test_sender_stops_soon_after_the_agent_fails_the_cycle(tmp_path: Path, pki: dict[str, tls.Identity],
                                                           small_fs: Path) -> None:
     from standby.domain.bandwidth import Schedule

@@ -82,6 +82,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -96,6 +97,7 @@ from standby.errors import BadInput, Conflict, IntegrityError, RemoteError, Stan
 from standby.replication.changes import BlockReader, ChangeSource
 from standby.replication.digest import BLOCK_SIZE, DIGEST_SIZE, HashTable, zero_block_digest
 from standby.replication.protocol import (
+    HEADER_SIZE,
     MAX_HASHES_PER_FRAME,
     Ack,
     AckKind,
@@ -115,6 +117,7 @@ from standby.replication.protocol import (
     ZeroRun,
     check_id,
     data_header,
+    parse_header,
     read_frame,
 )
 from standby.replication.tls import describe_tls_error
@@ -263,8 +266,68 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+class _SocketReader:
+    """The read side of a Channel: a byte buffer over the TLS socket, so that frames the
+    agent sends while we send (an ERROR, an early ACK) can be picked up without blocking
+    (`poll`), and still be read in order by `read_frame`."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.eof = False
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n and not self.eof:
+            chunk = self.sock.recv(max(64 * 1024, n - len(self.buf)))
+            if not chunk:
+                self.eof = True
+                break
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def poll(self, timeout: float | None) -> None:
+        """Take in what has arrived, without waiting; `timeout` is restored afterwards."""
+        if self.eof:
+            return
+        try:
+            self.sock.setblocking(False)
+            while True:
+                try:
+                    chunk = self.sock.recv(64 * 1024)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    break
+                if not chunk:
+                    self.eof = True
+                    break
+                self.buf += chunk
+        finally:
+            self.sock.settimeout(timeout)
+
+    def frame_ready(self) -> bool:
+        """True when a whole frame (or the end of the stream) is buffered."""
+        if len(self.buf) < HEADER_SIZE:
+            return self.eof
+        try:
+            _t, _f, length = parse_header(bytes(self.buf[:HEADER_SIZE]))
+        except ProtocolError:
+            return True  # read_frame reports it
+        return len(self.buf) >= HEADER_SIZE + length
+
+    def close(self) -> None:
+        self.buf.clear()
+
+
 class Channel:
-    """One TLS connection to an agent: framed writes (buffered) and reads."""
+    """One TLS connection to an agent: framed writes (buffered) and reads.
+
+    The agent may fail a cycle while we send (another stream's fault, a full disk): it
+    then sends an ERROR at once and discards what follows. `flush` looks for incoming
+    frames before each write (a non-blocking read, `check_incoming`), so the sender stops
+    within one flush of the ERROR and reports the agent's cause, not a lost connection.
+    Frames that arrive early and are not errors (a stream's ACK BEGUN) are kept for `recv`.
+    """
 
     def __init__(self, endpoint: Endpoint, context: ssl.SSLContext, timeout: float,
                  session: ssl.SSLSession | None = None) -> None:
@@ -281,7 +344,9 @@ class Channel:
             raw.close()
             raise RemoteError(f"TLS handshake with agent {endpoint} failed: {describe_tls_error(exc)}") from None
         self.sock.settimeout(timeout)
-        self.rfile: BinaryIO = self.sock.makefile("rb", buffering=64 * 1024)
+        self.timeout = timeout
+        self.rfile = _SocketReader(self.sock)
+        self.early: deque[Message] = deque()  # frames read by check_incoming, not yet by recv
         self.out = bytearray()
         self.bytes_sent = 0
         self.blocked = 0.0  # seconds spent in the limiter and in sendall
@@ -305,9 +370,25 @@ class Channel:
         self.out += data_header(offset, raw_length, checksum, len(body), compressed)
         self.out += body
 
+    def check_incoming(self) -> None:
+        """Raise the agent's ERROR if one arrived; keep other early frames for `recv`."""
+        try:
+            self.rfile.poll(self.timeout)
+        except (OSError, ssl.SSLError, ValueError):
+            return  # the next write or read reports the broken connection
+        while self.rfile.frame_ready() and self.rfile.buf:
+            try:
+                msg = read_frame(self.rfile)  # type: ignore[arg-type]
+            except (ProtocolError, OSError, ssl.SSLError):
+                return  # left to recv, which reports it
+            if isinstance(msg, Error):
+                raise msg.to_exception(f"agent {self.endpoint}")
+            self.early.append(msg)
+
     def flush(self, limiter: RateLimiter | None = None) -> None:
         if not self.out:
             return
+        self.check_incoming()
         t0 = time.perf_counter()
         if limiter is not None:
             limiter.consume(len(self.out))
@@ -322,8 +403,11 @@ class Channel:
 
     def _peer_error(self) -> StandbyError | None:
         try:
-            self.sock.settimeout(1.0)
-            msg = read_frame(self.rfile)
+            if self.early and isinstance(self.early[-1], Error):
+                msg = self.early.pop()
+            else:
+                self.sock.settimeout(1.0)
+                msg = read_frame(self.rfile)  # type: ignore[arg-type]
         except Exception:
             return None
         if isinstance(msg, Error):
@@ -336,7 +420,7 @@ class Channel:
 
     def recv(self, *expected: type[Message]) -> Message:
         try:
-            msg = read_frame(self.rfile)
+            msg = self.early.popleft() if self.early else read_frame(self.rfile)  # type: ignore[arg-type]
         except ProtocolError as exc:
             raise RemoteError(f"agent {self.endpoint}: {exc.message}") from None
         except (OSError, ssl.SSLError, ValueError) as exc:
@@ -351,7 +435,7 @@ class Channel:
     def reusable(self) -> bool:
         """True when the idle connection still looks usable: open, nothing unread (an
         agent that closed it, or sent anything unasked, makes it readable)."""
-        if self.closed or self.out:
+        if self.closed or self.out or self.early or self.rfile.buf:
             return False
         try:
             if self.sock.pending():
@@ -465,7 +549,8 @@ class AdaptiveCompression:
         """One window's rate (raw bytes/s) and blocked share, measured in mode `on`."""
         self.windows += 1
         mode = self.on
-        self.rate[mode] = rate  # the latest window: links and loads change
+        prev = self.rate.get(mode)
+        self.rate[mode] = rate if self.probing or prev is None else (prev + rate) / 2
         if self.probing:
             self.probing = False
             self.count = 0
