@@ -549,8 +549,7 @@ class AdaptiveCompression:
         """One window's rate (raw bytes/s) and blocked share, measured in mode `on`."""
         self.windows += 1
         mode = self.on
-        prev = self.rate.get(mode)
-        self.rate[mode] = rate if self.probing or prev is None else (prev + rate) / 2
+        self.rate[mode] = rate  # the latest window: links and loads change
         if self.probing:
             self.probing = False
             self.count = 0
