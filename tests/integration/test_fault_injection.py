@@ -23,7 +23,8 @@ agent) and a target phase (handshake, data transfer, commit), waits for the phas
 marker, sleeps a random fraction of that phase's duration (learnt from the completed
 cycles) and sends SIGKILL; the phase where the kill landed is then read from the markers
 printed before the kill. The random seed is printed; rerun a failure with
-STANDBY_FAULT_SEED=<seed>.
+STANDBY_FAULT_SEED=<seed> (it fixes the plan: images, changes, victims, target phases and
+delays; the exact byte a kill or a cut hits still depends on timing).
 """
 
 from __future__ import annotations
