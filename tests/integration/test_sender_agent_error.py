@@ -40,11 +40,11 @@ def test_agent_error_mid_stream_stops_the_sender_with_its_cause(tmp_path: Path, 
     real_write = CycleWriter.write
     count = [0]
 
-    def write(self, offset, data):  # type: ignore[no-untyped-def]
+    def write(self, offset, data, digest=None):  # type: ignore[no-untyped-def]
         count[0] += 1
         if count[0] > 20:
             raise fault
-        return real_write(self, offset, data)
+        return real_write(self, offset, data, digest)
 
     monkeypatch.setattr(CycleWriter, "write", write)
     with running_agent(tmp_path / "store", pki["agent"]) as rx:

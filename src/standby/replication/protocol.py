@@ -550,7 +550,7 @@ class Data(Message):
     offset: int
     raw_length: int
     checksum: bytes
-    body: bytes
+    body: bytes | memoryview  # decoded frames give a memoryview of the payload
     compressed: bool = False
 
     def payload(self) -> bytes:
@@ -566,7 +566,7 @@ class Data(Message):
         if len(payload) < _DATA_HEAD.size:
             raise ProtocolError(f"DATA: payload truncated ({len(payload)} bytes)")
         offset, raw_length, checksum = _DATA_HEAD.unpack_from(payload)
-        body = payload[_DATA_HEAD.size:]
+        body = memoryview(payload)[_DATA_HEAD.size:]  # no copy of the block
         compressed = bool(flags & FLAG_COMPRESSED)
         if raw_length == 0 or raw_length > MAX_BLOCK_SIZE:
             raise ProtocolError(f"DATA: raw length {raw_length} out of range")

@@ -623,7 +623,7 @@ class _Connection:
         if xxhash.xxh3_128_digest(raw) != msg.checksum:
             raise IntegrityError(f"DATA: block {index} (offset {msg.offset}) does not match its checksum; "
                                  "not applied")
-        s.writer.write(msg.offset, raw)
+        s.writer.write(msg.offset, raw, msg.checksum)  # checked just above: not hashed again
         self.data_blocks += 1
         s.bytes_applied += expected
         s.wire_bytes += len(msg.body) + 44

@@ -58,9 +58,10 @@ consistency, created_at, meta): when it exists on open the commit is rolled forw
 (or the staging discarded if the digest does not match).
 
 Checkpoints run on a background thread every CHECKPOINT_BYTES of staged data (writers
-wait for one only when CHECKPOINT_LAG intervals are pending), and staged data is pushed
-to the disk every WRITEBACK_BYTES (writeback started, not waited for), so a checkpoint
-or a commit finds little left to flush. Creating a staging fsyncs nothing: until its
+wait for one only when CHECKPOINT_LAG intervals are pending), and the same thread starts
+the writeback of every WRITEBACK_BYTES of staged data (started, not waited for), so a
+checkpoint or a commit finds little left to flush and no receiving thread blocks on the
+disk. Creating a staging fsyncs nothing: until its
 first checkpoint it holds nothing durable (a crash may leave it half-written, and it is
 then started over); that checkpoint makes `cycle.json` and the directories durable.
 
@@ -1219,6 +1220,8 @@ class CycleWriter:
         self._ckpt_thread: threading.Thread | None = None
         self._ckpt_stop = False
         self._ckpt_error: BaseException | None = None
+        self._bg_checkpoint = False  # asked of the background thread
+        self._bg_writeback: tuple[int, int] | None = None
         self.data_bytes = 0  # bytes of data blocks written by this writer
         self._setup_synced = True  # the staging's own files are durable (see _create)
         self._wb_mark = qcow.next_offset  # staged data before this offset: writeback started
@@ -1432,22 +1435,41 @@ class CycleWriter:
         if self._closed:
             raise Conflict(f"cycle {self.cycle_id} is closed (committed, aborted or superseded)")
 
-    def _request_checkpoint(self) -> None:
-        """Ask the background checkpointer for a checkpoint (started on first use)."""
-        if self._ckpt_thread is None:
-            with self._lock:
-                if self._ckpt_thread is None and not self._closed:
-                    self._ckpt_thread = threading.Thread(target=self._checkpointer, daemon=True,
-                                                         name=f"checkpoint-{self.cycle_id}")
-                    self._ckpt_thread.start()
+    def _request_background(self, checkpoint: bool = False, writeback: tuple[int, int] | None = None) -> None:
+        """Ask the background thread (started on first use) for a checkpoint and/or to
+        start the writeback of a range of the data file: the receiving threads never
+        block on the disk for either (starting writeback can block for a while too)."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._ckpt_thread is None:
+                self._ckpt_thread = threading.Thread(target=self._background, daemon=True,
+                                                     name=f"checkpoint-{self.cycle_id}")
+                self._ckpt_thread.start()
+            if checkpoint:
+                self._bg_checkpoint = True
+            if writeback is not None:
+                old = self._bg_writeback
+                self._bg_writeback = writeback if old is None else (min(old[0], writeback[0]),
+                                                                     max(old[1], writeback[1]))
         self._ckpt_wanted.set()
 
-    def _checkpointer(self) -> None:
+    def _request_checkpoint(self) -> None:
+        self._request_background(checkpoint=True)
+
+    def _background(self) -> None:
         while True:
             self._ckpt_wanted.wait()
             self._ckpt_wanted.clear()
             if self._ckpt_stop:
                 return
+            with self._lock:
+                wb, self._bg_writeback = self._bg_writeback, None
+                ckpt, self._bg_checkpoint = self._bg_checkpoint, False
+            if wb is not None:  # _close joins this thread before it closes the descriptor
+                _kick_writeback(self.qcow.fd, wb[0], wb[1] - wb[0])
+            if not ckpt:
+                continue
             try:
                 self.checkpoint()
             except BaseException as e:  # noqa: BLE001 - raised to the writers
@@ -1460,8 +1482,12 @@ class CycleWriter:
         if e is not None:
             raise e
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Stage one whole block at `offset` (block aligned); thread-safe; the last write wins."""
+    def write(self, offset: int, data: bytes | bytearray | memoryview, digest: bytes | None = None) -> None:
+        """Stage one whole block at `offset` (block aligned); thread-safe; the last write wins.
+
+        `digest`: the block's xxh3-128 when the caller has just checked it against these
+        bytes (the receiver does, before applying a block): it is not computed again.
+        `data` may be a memoryview (no copy is made)."""
         self._check_open()
         self._raise_checkpoint_error()
         index, rem = divmod(offset, BLOCK_SIZE)
@@ -1470,12 +1496,12 @@ class CycleWriter:
         length = block_length(self.disk.size, index)
         if len(data) != length:
             raise BadInput(f"block {index} must be {length} bytes, got {len(data)}")
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if data == _ZERO_BLOCK[:length]:
+        dg = block_digest(data) if digest is None else digest
+        # a zero block hashes to the zero digest: compare the bytes only then (comparing a
+        # memoryview goes element by element: compare bytes)
+        if dg == zero_block_digest(length) and bytes(data) == _ZERO_BLOCK[:length]:
             self.write_zero(offset, length)
             return
-        dg = block_digest(data)
         q = self.qcow
         with self._lock:
             self._check_open()
@@ -1503,7 +1529,7 @@ class CycleWriter:
             if off + CLUSTER_SIZE - self._wb_mark >= WRITEBACK_BYTES:
                 kick, self._wb_mark = self._wb_mark, off + CLUSTER_SIZE
         if kick:
-            _kick_writeback(q.fd, kick, off + CLUSTER_SIZE - kick)
+            self._request_background(writeback=(kick, off + CLUSTER_SIZE))
         if since >= self.checkpoint_bytes:
             if since >= CHECKPOINT_LAG * self.checkpoint_bytes:
                 self.checkpoint()  # the background checkpoints fell behind: wait for one
