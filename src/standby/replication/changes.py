@@ -59,7 +59,8 @@ class Extent:
 @runtime_checkable
 class BlockReader(Protocol):
     """Reads blocks. A reader may also offer `prefetch(offset, length)`: a hint that the
-    range will be read soon (file readers start the kernel's read-ahead with it)."""
+    range will be read soon (file readers start the kernel's read-ahead with it), and
+    `readinto(offset, buf)`: fill a buffer (a run of blocks in one read, no new object)."""
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
@@ -102,6 +103,19 @@ class FileReader:
             # sparse file shorter than the declared size; both read as zeros past EOF.
             data += bytes(length - len(data))
         return data
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill `buf` from `offset` (one preadv, a short read retried; past the end of
+        the file reads as zeros, like pread); returns len(buf)."""
+        want = len(buf)
+        got = 0
+        while got < want:
+            n = os.preadv(self.fd, [buf[got:]], offset + got)
+            if n <= 0:
+                buf[got:] = bytes(want - got)
+                break
+            got += n
+        return want
 
     def prefetch(self, offset: int, length: int) -> None:
         """Ask the kernel to start reading [offset, offset+length) into the page cache."""

@@ -125,6 +125,7 @@ from standby.replication.tls import describe_tls_error
 FLUSH_BYTES = 256 * 1024
 DEFAULT_STREAMS = 4
 DEFAULT_CHUNK_BLOCKS = 32
+READ_BLOCKS = 32  # blocks read at once by readers that offer readinto (2 MiB)
 COMPRESS_MODES = ("on", "off", "auto")
 LINK_IDLE = 60.0  # seconds; agents drop idle connections after 120 s
 
@@ -593,6 +594,11 @@ def send_blocks(chan: Channel, work: queue.Queue[WorkItem | None], reader: Block
     base = baseline._table
     new = table._table
     pread = reader.pread
+    readinto = getattr(reader, "readinto", None)
+    # readers that can: one read per run of blocks into this buffer (no per-block bytes
+    # object; zero blocks are recognised in place with startswith, a memcmp)
+    buf = bytearray(max(1, min(READ_BLOCKS, -(-size // block_size))) * block_size) if readinto else bytearray()
+    mv = memoryview(buf)
     run_start = -1  # byte offset of the pending zero run
     run_len = 0
 
@@ -601,6 +607,53 @@ def send_blocks(chan: Channel, work: queue.Queue[WorkItem | None], reader: Block
         if run_len:
             chan.queue(ZeroRun(run_start, run_len).encode())
             run_start, run_len = -1, 0
+
+    def blocks(first: int, count: int, hole: bool) -> Iterator[tuple[int, int, int, Any, bool, bytes]]:
+        """(index, offset, length, data, is_zero, digest) of each block of a run."""
+        if hole:
+            for i in range(first, first + count):
+                offset = i * block_size
+                length = block_size if offset + block_size <= size else size - offset
+                yield i, offset, length, b"", True, zero_digest_full if length == block_size else \
+                    zero_block_digest(length)
+            return
+        if readinto is None:
+            for i in range(first, first + count):
+                offset = i * block_size
+                length = block_size if offset + block_size <= size else size - offset
+                data = pread(offset, length)
+                if length == block_size:
+                    is_zero = data == zero_full
+                    yield i, offset, length, data, is_zero, zero_digest_full if is_zero else digest(data)
+                else:
+                    is_zero = data == zero_full[:length]
+                    yield i, offset, length, data, is_zero, zero_block_digest(length) if is_zero else digest(data)
+            return
+        cap = len(buf) // block_size
+        i = first
+        end = first + count
+        while i < end:
+            n = min(cap, end - i)
+            start = i * block_size
+            nbytes = min(n * block_size, size - start)
+            readinto(start, mv[:nbytes])
+            a = 0
+            for k in range(i, i + n):
+                length = block_size if a + block_size <= nbytes else nbytes - a
+                if length == block_size:
+                    if buf.startswith(zero_full, a):
+                        yield k, start + a, length, b"", True, zero_digest_full
+                    else:
+                        data = mv[a:a + length]
+                        yield k, start + a, length, data, False, digest(data)
+                else:
+                    data = mv[a:a + length]
+                    if buf.startswith(zero_full[:length], a):
+                        yield k, start + a, length, b"", True, zero_block_digest(length)
+                    else:
+                        yield k, start + a, length, data, False, digest(data)
+                a += block_size
+            i += n
 
     while True:
         try:
@@ -615,23 +668,10 @@ def send_blocks(chan: Channel, work: queue.Queue[WorkItem | None], reader: Block
             break
         examined = read = skipped = 0
         for first, count, hole in item:
-            for i in range(first, first + count):
-                offset = i * block_size
-                length = block_size if offset + block_size <= size else size - offset
+            for i, offset, length, data, is_zero, d in blocks(first, count, hole):
                 examined += length
-                if hole:
-                    is_zero = True
-                    d = zero_digest_full if length == block_size else zero_block_digest(length)
-                    data = b""
-                else:
-                    data = pread(offset, length)
+                if not hole:
                     read += length
-                    if length == block_size:
-                        is_zero = data == zero_full
-                        d = zero_digest_full if is_zero else digest(data)
-                    else:
-                        is_zero = data == zero_full[:length]
-                        d = zero_block_digest(length) if is_zero else digest(data)
                 j = i * DIGEST_SIZE
                 if base[j:j + DIGEST_SIZE] == d:
                     skipped += 1

@@ -59,9 +59,9 @@ consistency, created_at, meta): when it exists on open the commit is rolled forw
 
 Checkpoints run on a background thread every CHECKPOINT_BYTES of staged data (writers
 wait for one only when CHECKPOINT_LAG intervals are pending), and the same thread starts
-the writeback of every WRITEBACK_BYTES of staged data (started, not waited for), so a
-checkpoint or a commit finds little left to flush and no receiving thread blocks on the
-disk. Creating a staging fsyncs nothing: until its
+the writeback of every WRITEBACK_BYTES of staged data (started, not waited for), so the
+disk writes while data arrives, a checkpoint or a commit finds little left to flush, and
+no receiving thread blocks on the disk. Creating a staging fsyncs nothing: until its
 first checkpoint it holds nothing durable (a crash may leave it half-written, and it is
 then started over); that checkpoint makes `cycle.json` and the directories durable.
 
@@ -176,7 +176,7 @@ _DELTA_ENTRY = struct.Struct(">Q16s")
 CHECKPOINT_BYTES = 64 * 1024 * 1024
 CHECKPOINT_LAG = 4  # writers wait once this many checkpoint intervals are staged but not durable
 ROLL_FORWARD_BYTES = 64 * 1024 * 1024  # cycles with this much data get a commit intent
-WRITEBACK_BYTES = 4 * 1024 * 1024  # staged data is pushed to the disk in steps of this size
+WRITEBACK_BYTES = 8 * 1024 * 1024  # staged data is pushed to the disk in steps of this size
 
 
 def _point_id(seq: int) -> str:
@@ -1194,6 +1194,7 @@ class CycleWriter:
 
     checkpoint_bytes = CHECKPOINT_BYTES
     roll_forward_bytes = ROLL_FORWARD_BYTES
+    writeback_bytes = WRITEBACK_BYTES
 
     def __init__(self, disk: DiskReplica, cycle_id: str, sdir: Path, base_point: str | None,
                  seq: int, qcow: Qcow2Writer, journal_fd: int) -> None:
@@ -1526,7 +1527,7 @@ class CycleWriter:
             self._since_ckpt += CLUSTER_SIZE
             self.data_bytes += length
             since = self._since_ckpt
-            if off + CLUSTER_SIZE - self._wb_mark >= WRITEBACK_BYTES:
+            if off + CLUSTER_SIZE - self._wb_mark >= self.writeback_bytes:
                 kick, self._wb_mark = self._wb_mark, off + CLUSTER_SIZE
         if kick:
             self._request_background(writeback=(kick, off + CLUSTER_SIZE))
