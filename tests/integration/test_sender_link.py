@@ -122,6 +122,21 @@ def test_adaptive_compression_policy() -> None:
     b.decide(100e6, 0.5)
     b.decide(60e6, 0.2)  # compressing made it slower (CPU-bound): back to raw
     assert not b.on and b.hold == 2
+    # a link faster than the compressor (4 streams of 120 MB/s raw; zstd takes 300 MB/s):
+    # even when a probe looks faster (noise), raw data it is, and no more probes
+    c = AdaptiveCompression(streams=4)
+    c.decide(120e6, 0.6)
+    assert c.on and c.probing
+    c.decide(130e6, 0.6, cspeed=300e6)
+    assert not c.on
+    for _ in range(10):
+        c.decide(120e6, 0.9)
+        assert not c.on
+    # the same compressor on a slow link: compressed
+    d = AdaptiveCompression(streams=4)
+    d.decide(3e6, 0.95)
+    d.decide(8e6, 0.9, cspeed=300e6)
+    assert d.on and not d.probing
 
 
 def test_auto_compression_over_a_limited_link(tmp_path: Path, pki: dict[str, tls.Identity],

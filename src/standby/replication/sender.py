@@ -512,17 +512,21 @@ class _Compressor:
 
 class AdaptiveCompression:
     """The "auto" policy of one stream (see the module doc): compress while that is
-    faster, which it is only while the link is the bottleneck. Kept by an `AgentLink`
-    across cycles, so a slow link is known from the start of the next cycle."""
+    faster, which it is only while the link is the bottleneck, and never on a link
+    faster than the compressor. Kept by an `AgentLink` across cycles, so a slow link is
+    known from the start of the next cycle."""
 
     WINDOW = 4 * 1024 * 1024  # raw bytes of data blocks per measurement
     BUSY = 0.3  # share of a window blocked in sending that makes compression worth a try
     GAIN = 1.05  # a probed mode must be this much faster to be kept
+    FAST = 0.5  # a link carrying raw data faster than this share of the compressor's speed
     MAX_HOLD = 64
 
-    def __init__(self) -> None:
+    def __init__(self, streams: int = 1) -> None:
+        self.streams = streams  # the link's streams: rate x streams is the link's rate
         self.on = False
         self.rate: dict[bool, float] = {}
+        self.cspeed: float | None = None  # raw bytes/s one compressor takes (measured)
         self.hold = 1  # windows to stay in the current mode before probing the other
         self.count = 0
         self.probing = False
@@ -530,12 +534,20 @@ class AdaptiveCompression:
         self._t0 = 0.0
         self._b0 = 0.0
         self._raw = 0
+        self._craw = 0
+        self._ctime = 0.0
 
     def start(self, chan: Any) -> None:
         """Open a window (at the start of a cycle: idle time between cycles is no rate)."""
         self._t0 = time.perf_counter()
         self._b0 = chan.blocked
-        self._raw = 0
+        self._raw = self._craw = 0
+        self._ctime = 0.0
+
+    def compressed(self, raw: int, seconds: float) -> None:
+        """`raw` bytes went through the compressor in `seconds`."""
+        self._craw += raw
+        self._ctime += seconds
 
     def account(self, chan: Any, raw: int) -> None:
         self._raw += raw
@@ -543,27 +555,38 @@ class AdaptiveCompression:
             return
         now = time.perf_counter()
         wall = max(now - self._t0, 1e-9)
-        self.decide(self._raw / wall, (chan.blocked - self._b0) / wall)
+        cspeed = self._craw / self._ctime if self._craw >= self.WINDOW // 2 and self._ctime > 0 else None
+        self.decide(self._raw / wall, (chan.blocked - self._b0) / wall, cspeed)
         self._t0, self._b0, self._raw = now, chan.blocked, 0
+        self._craw, self._ctime = 0, 0.0
 
-    def decide(self, rate: float, busy: float) -> None:
-        """One window's rate (raw bytes/s) and blocked share, measured in mode `on`."""
+    def _link_too_fast(self) -> bool:
+        raw_rate = self.rate.get(False)
+        return bool(self.cspeed and raw_rate and raw_rate * self.streams > self.cspeed * self.FAST)
+
+    def decide(self, rate: float, busy: float, cspeed: float | None = None) -> None:
+        """One window's rate (raw bytes/s), blocked share and, when it compressed, the
+        compressor's speed, measured in mode `on`."""
         self.windows += 1
         mode = self.on
         self.rate[mode] = rate  # the latest window: links and loads change
+        if cspeed:
+            self.cspeed = cspeed
         if self.probing:
             self.probing = False
             self.count = 0
             other = self.rate.get(not mode)
-            if other is not None and rate < other * self.GAIN:
+            if (other is not None and rate < other * self.GAIN) or (mode and self._link_too_fast()):
                 self.on = not mode  # the probe lost: back to the other mode, probe less often
                 self.hold = min(self.hold * 2, self.MAX_HOLD)
             else:
                 self.hold = 2
             return
         self.count += 1
-        if not mode and busy < self.BUSY:
-            self.count = 0  # the link keeps up with raw data: compressing cannot help
+        if not mode and (busy < self.BUSY or self._link_too_fast()):
+            # the link keeps up with raw data, or carries it faster than compressing
+            # could feed it: compressing cannot help
+            self.count = 0
             return
         if self.count >= self.hold:
             self.on = not mode
@@ -694,7 +717,14 @@ def send_blocks(chan: Channel, work: queue.Queue[WorkItem | None], reader: Block
                     continue
                 if run_len:
                     flush_run()
-                body = comp.compress(data) if adapt is None or adapt.on else None
+                if adapt is None:
+                    body = comp.compress(data)
+                elif adapt.on:
+                    t0 = time.perf_counter()
+                    body = comp.compress(data)
+                    adapt.compressed(length, time.perf_counter() - t0)
+                else:
+                    body = None
                 stats.data_blocks += 1
                 stats.raw_bytes += length
                 if body is None:
@@ -911,7 +941,7 @@ class AgentLink:
         self.resume_cycle: str | None = None
         self.resume_base: str | None = None
         self.state: SenderState | None = None
-        self.adapt = [AdaptiveCompression() for _ in range(self.opts.streams)]
+        self.adapt = [AdaptiveCompression(self.opts.streams) for _ in range(self.opts.streams)]
         self.tls_session: ssl.SSLSession | None = None
         self.idle_since = 0.0
         self.cycles = 0  # committed over this link
