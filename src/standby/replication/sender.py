@@ -945,6 +945,7 @@ class AgentLink:
         self.tls_session: ssl.SSLSession | None = None
         self.idle_since = 0.0
         self.cycles = 0  # committed over this link
+        self._saving: threading.Thread | None = None  # the last point's state being saved
 
     def __enter__(self) -> AgentLink:
         return self
@@ -956,6 +957,13 @@ class AgentLink:
         for c in self.channels:
             c.close()
         self.channels = []
+        self._saved()
+
+    def _saved(self) -> None:
+        """Wait for the state of the last point to be on file."""
+        t, self._saving = self._saving, None
+        if t is not None:
+            t.join()
 
     def _reusable(self) -> bool:
         return (len(self.channels) == self.opts.streams and time.monotonic() - self.idle_since <= self.opts.link_idle
@@ -1016,6 +1024,7 @@ class AgentLink:
         nstreams = opts.streams
         limiter = opts.limiter or RateLimiter(opts.schedule)
         started = time.perf_counter()
+        self._saved()
         if self.state is None or self.state.size != size:
             self.state = SenderState.load(opts.state_dir, disk_id, size)
         state = self.state
@@ -1184,7 +1193,16 @@ class AgentLink:
         self.cycles += 1
         self.idle_since = time.monotonic()
         state.point_id, state.digest, state.table, state.pending_seed = ack.text, disk_digest.hex(), table, None
-        state.save(opts.state_dir)
+        # the state file is a cache the next process uses: written off the cycle's path,
+        # waited for by the next cycle and by close() (run_cycle returns after it)
+        def save() -> None:
+            try:
+                state.save(opts.state_dir)
+            except OSError:
+                pass  # a cache: the next cycle fetches the table from the agent instead
+
+        self._saving = threading.Thread(target=save, daemon=True, name=f"sender-state-{disk_id}")
+        self._saving.start()
         elapsed = time.perf_counter() - started
         chans = [c for c in channels if c is not None]
         return CycleResult(
