@@ -467,6 +467,7 @@ class DiskReplica:
         self._flock_depth = 0
         self._lock_fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         self._points: list[RecoveryPoint] = []
+        self._record_cache: dict[str, tuple[tuple[int, int, int], RecoveryPoint]] = {}
         self._pending_size: int | None = None  # resize(): the size of the next point
         self._table: tuple[int, HashTable] | None = None
         self._deltas_since_full = 0
@@ -498,16 +499,32 @@ class DiskReplica:
 
     # -- points ---------------------------------------------------------------------
     def _scan_points(self) -> list[RecoveryPoint]:
+        # Records are written once (temp file + rename) and never changed in place, so a
+        # record whose name, inode, mtime and size are unchanged since the last scan is
+        # not read and parsed again (a cycle scans several times; a disk keeps hundreds).
         pts = []
-        for p in self.points_dir.glob("*.json"):
-            try:
-                d = json.loads(p.read_text())
-                pt = RecoveryPoint.from_json(d, self.layers_dir)
-            except (ValueError, KeyError, TypeError) as e:
-                raise IntegrityError(f"{p}: corrupt recovery point record: {e}") from e
-            if pt.id != p.stem:
-                raise IntegrityError(f"{p}: record names point {pt.id}")
-            pts.append(pt)
+        seen: dict[str, tuple[tuple[int, int, int], RecoveryPoint]] = {}
+        with os.scandir(self.points_dir) as entries:
+            for e in entries:
+                if not e.name.endswith(".json") or e.name.startswith("."):
+                    continue
+                st = e.stat()
+                key = (e.inode(), st.st_mtime_ns, st.st_size)
+                hit = self._record_cache.get(e.name)
+                if hit is not None and hit[0] == key:
+                    pt = hit[1]
+                else:
+                    p = self.points_dir / e.name
+                    try:
+                        d = json.loads(p.read_text())
+                        pt = RecoveryPoint.from_json(d, self.layers_dir)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise IntegrityError(f"{p}: corrupt recovery point record: {exc}") from exc
+                    if pt.id != p.stem:
+                        raise IntegrityError(f"{p}: record names point {pt.id}")
+                seen[e.name] = (key, pt)
+                pts.append(pt)
+        self._record_cache = seen
         pts.sort(key=lambda x: x.seq)
         self._points = pts
         current = self.point_size(pts[-1]) if pts else self.created_size
