@@ -17,9 +17,11 @@ One cycle
    follows CYCLE_BEGIN at once and the ACK BEGUN is read before the ACK STREAM.
 4. The change source's extents are cut into work items of at most `chunk_blocks` blocks
    (runs of blocks: a sparse delta's scattered blocks share items) fed to a bounded
-   queue; the feeder asks the kernel to read each item ahead (`prefetch`) as it queues
-   it. One worker thread per stream takes items and, per block: reads it (its own
-   descriptor, pread), detects zeros, digests it (xxh3-128), skips it when the digest
+   queue; the feeder asks the kernel to read each item ahead (`prefetch`) PREFETCH_ITEMS
+   items before it queues it. One worker thread per stream takes items and, per run of
+   blocks: reads it (its own descriptor, one preadv into a reused 2 MiB buffer, or pread
+   per block for readers without `readinto`); per block: detects zeros (a memcmp in
+   place), digests it (xxh3-128), skips it when the digest
    equals the baseline (or when the agent already staged it for a resumed seed),
    coalesces zero blocks into ZERO_RUN frames, compresses the others with its own zstd
    compressor (level 1) per the compression setting (below), and appends DATA frames to
@@ -58,11 +60,12 @@ Memory bound
 ------------
 Independent of the disk size, the data in flight on the sender is at most
     streams x (queue depth 2 work items of at most `chunk_blocks` runs (no data)
-               + 1 raw block + 1 compressed block + 256 KiB output buffer)
-i.e. with the defaults (4 streams, 64 KiB blocks) about 4 x 400 KiB = 1.6 MiB, plus
+               + a READ_BLOCKS read buffer (2 MiB) + 1 compressed block
+               + 256 KiB output buffer)
+i.e. with the defaults (4 streams, 64 KiB blocks) about 4 x 2.4 MiB = 10 MiB, plus
 the kernel's socket buffers and the page cache the read-ahead fills (the feeder asks
-for at most the queued items, 2 x streams x `chunk_blocks` blocks = 16 MiB, ahead of
-the workers); TCP's flow control is the back-pressure: a slow agent blocks `sendall`,
+for at most PREFETCH_ITEMS + 2 x streams items of `chunk_blocks` blocks = 32 MiB ahead
+of the workers); TCP's flow control is the back-pressure: a slow agent blocks `sendall`,
 which stops the workers, which stops the reader. The digest tables (baseline and new)
 are 16 bytes per 64 KiB block each (2 x 1/4096 of the disk). An idle link holds no data.
 
@@ -126,6 +129,7 @@ FLUSH_BYTES = 256 * 1024
 DEFAULT_STREAMS = 4
 DEFAULT_CHUNK_BLOCKS = 32
 READ_BLOCKS = 32  # blocks read at once by readers that offer readinto (2 MiB)
+PREFETCH_ITEMS = 8  # work items asked of the kernel's read-ahead before they are queued
 COMPRESS_MODES = ("on", "off", "auto")
 LINK_IDLE = 60.0  # seconds; agents drop idle connections after 120 s
 
@@ -792,6 +796,17 @@ class _Prefetcher:
             if not hole:
                 self.fn(first * block_size, count * block_size)
 
+    def ahead(self, items: Iterator[WorkItem], block_size: int) -> Iterator[WorkItem]:
+        """`items`, each asked for PREFETCH_ITEMS items before it is yielded (the queue
+        holds 2 x streams more), so the disk always has reads queued."""
+        pending: deque[WorkItem] = deque()
+        for item in items:
+            self(item, block_size)
+            pending.append(item)
+            if len(pending) > PREFETCH_ITEMS:
+                yield pending.popleft()
+        yield from pending
+
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
@@ -1149,8 +1164,7 @@ class AgentLink:
             t.start()
         prefetch = _Prefetcher(source)
         try:
-            for item in work_items(source, opts.chunk_blocks):
-                prefetch(item, block_size)
+            for item in prefetch.ahead(work_items(source, opts.chunk_blocks), block_size):
                 while not cancel.is_set():
                     try:
                         work.put(item, timeout=0.2)
@@ -1285,8 +1299,7 @@ def bench_hot_loop(source: ChangeSource, threads: int = 2, compress: bool | str 
     for t in ts:
         t.start()
     prefetch = _Prefetcher(source)
-    for item in work_items(source, chunk_blocks):
-        prefetch(item, source.block_size)
+    for item in prefetch.ahead(work_items(source, chunk_blocks), source.block_size):
         work.put(item)
     prefetch.close()
     for _ in ts:
