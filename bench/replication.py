@@ -26,11 +26,27 @@ Figures (medians of N runs, default 5; the slow figures take min(N, 3) runs):
     bytes the sender put on the wire over the whole cycle (connect to committed point);
     the effective rate (image bytes per second, compression included) is reported too.
 
+The sender of (a) and (b) runs as a long-running sender does: one `AgentLink` per disk,
+its TLS streams kept open from cycle to cycle; `delta_oneshot_s` is the same change sent
+by a one-shot `run_cycle` (connect, HELLO, state files read, hang up). Compression is the
+policy default, "auto" (--compress on|off|auto).
+
 Ratios: delta_vs_rsync = rsync / delta (target >= 20), resync_vs_rsync = rsync / resync
 (>= 3), initial_fraction_of_limit = seed rate / min(disk read, loopback TLS) (>= 0.70),
 wan_fraction_of_link = WAN wire rate / link rate (>= 0.85). The bench reports; it does not
 assert. MB = 10^6 bytes. Everything it creates (temp dir under /var/tmp, processes,
 namespaces) is removed at the end, also on Ctrl-C.
+
+--json keys: delta_s, delta_oneshot_s, rsync_s, resync_s (medians, seconds);
+delta_vs_rsync, delta_oneshot_vs_rsync, resync_vs_rsync; delta_blocks_changed,
+delta_wire_bytes, resync_wire_bytes, rsync_literal_bytes; initial_MBps, initial_s,
+disk_read_MBps, loopback_tls_MBps, initial_limit_MBps, initial_fraction_of_limit,
+initial_fraction_of_limit_per_run (median of the runs' own ratios),
+disk_read_while_writing_MBps and initial_fraction_of_disk_floor (context: the image read
+cold while the replica's share is written to the same disk, the seed's I/O floor on a
+one-disk machine), initial_wire_bytes; wan_link_MBps, wan_wire_MBps, wan_effective_MBps,
+wan_s, wan_fraction_of_link; meets_targets, targets; runs (every run's raw figure);
+params; and <phase>_error when a phase could not run (e.g. no root for namespaces).
 """
 
 from __future__ import annotations
