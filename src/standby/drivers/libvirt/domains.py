@@ -542,26 +542,23 @@ def shutdown_vm(conn: Any, name: str, timeout: float = 60.0) -> bool:
 def _delete_metadata(dom: Any, name: str) -> None:
     """Checkpoint and snapshot metadata, leaves first (libvirt keeps them in its own
     files; left behind they clash with a later domain of the same name)."""
-    for _ in range(10_000):
-        leaves = call(f"VM {name}: checkpoints", dom.listAllCheckpoints, libvirt.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES)
-        if not leaves:
-            break
-        for cp in leaves:
-            try:
-                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-                    raise translate(exc, f"VM {name}: delete checkpoint {cp.getName()}") from None
-    for _ in range(10_000):
-        leaves = call(f"VM {name}: snapshots", dom.listAllSnapshots, libvirt.VIR_DOMAIN_SNAPSHOT_LIST_LEAVES)
-        if not leaves:
-            break
-        for snap in leaves:
-            try:
-                snap.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
-                    raise translate(exc, f"VM {name}: delete snapshot {snap.getName()}") from None
+    kinds = (
+        ("checkpoint", dom.listAllCheckpoints, libvirt.VIR_DOMAIN_CHECKPOINT_LIST_LEAVES,
+         libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY, libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT),
+        ("snapshot", dom.listAllSnapshots, libvirt.VIR_DOMAIN_SNAPSHOT_LIST_LEAVES,
+         libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY, libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT),
+    )
+    for kind, list_all, leaves_only, metadata_only, gone in kinds:
+        for _ in range(10_000):
+            leaves = call(f"VM {name}: {kind}s", list_all, leaves_only)
+            if not leaves:
+                break
+            for moment in leaves:
+                try:
+                    moment.delete(metadata_only)
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != gone:
+                        raise translate(exc, f"VM {name}: delete {kind} {moment.getName()}") from None
 
 
 def undefine_vm(conn: Any, name: str) -> None:
