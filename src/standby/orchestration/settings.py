@@ -1,0 +1,59 @@
+"""Settings of a running control plane: where its files are and how often it acts.
+
+Defaults are what an operator gets from `standby server run`; tests shorten the timings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from standby.errors import BadInput
+from standby.store.db import sqlite_url
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    data_dir: Path
+    db_url: str | None = None  # None: SQLite in data_dir
+    listen: str = "127.0.0.1:8443"
+    tick_seconds: float = 1.0  # scheduler period
+    heartbeat_seconds: float = 10.0  # what agents are told to use
+    heartbeat_timeout: float = 30.0  # no heartbeat for this long: heartbeat_lost
+    task_deadline_seconds: float = 3600.0  # a claimed task not finished by then expires
+    runner_workers: int = 4
+    webhook_timeout: float = 5.0
+    storage_low_fraction: float = 0.10  # secondary storage below this fraction free: storage_low
+    sans: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("tick_seconds", "heartbeat_seconds", "heartbeat_timeout", "task_deadline_seconds",
+                     "webhook_timeout"):
+            if not getattr(self, name) > 0:
+                raise BadInput(f"{name} must be positive, not {getattr(self, name)!r}")
+        if self.heartbeat_timeout < self.heartbeat_seconds:
+            raise BadInput("heartbeat_timeout must be at least heartbeat_seconds")
+        if self.runner_workers < 1:
+            raise BadInput("runner_workers must be at least 1")
+        if not 0 <= self.storage_low_fraction < 1:
+            raise BadInput("storage_low_fraction must be in [0, 1)")
+
+    @property
+    def url(self) -> str:
+        return self.db_url or sqlite_url(self.data_dir)
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.data_dir / "ca"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.data_dir / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.data_dir / "server.key"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin.token"
