@@ -236,3 +236,86 @@ def peer_name(sock: ssl.SSLSocket) -> str:
             if key == "commonName":
                 return str(value)
     return "?"
+
+
+# ---------------------------------------------------------------- registration (CSR)
+#
+# An agent makes its key and a CSR; only the CSR travels to the control plane, which signs
+# it with its CA. The private key never leaves the agent.
+
+
+def make_key_and_csr(name: str) -> tuple[bytes, bytes]:
+    """(key_pem, csr_pem): a new ECDSA P-256 key and a CSR for CN=`name`, signed by that key."""
+    if not name:
+        raise BadInput("a certificate request needs a name")
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+           .sign(key, hashes.SHA256()))
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _as_bytes(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else data
+
+
+def sign_csr(ca_dir: Path, csr_pem: bytes | str, name: str, days: int = 825,
+             sans: list[str] | None = None) -> bytes:
+    """Sign a certificate request with the CA in `ca_dir`; return the certificate (PEM).
+
+    The CSR's own signature is checked (its sender holds the private key). Only its public
+    key is used: the subject is forced to CN=`name` and the extensions are the same as
+    `issue`'s (serverAuth + clientAuth, SANs = `sans` or `name`), whatever the CSR asks for."""
+    if not name:
+        raise BadInput("a certificate needs a name")
+    try:
+        csr = x509.load_pem_x509_csr(_as_bytes(csr_pem))
+    except ValueError as exc:
+        raise BadInput(f"the certificate request is not a PEM CSR: {exc}") from None
+    if not csr.is_signature_valid:
+        raise BadInput("the certificate request's signature does not verify")
+    public_key = csr.public_key()
+    if not isinstance(public_key, (ec.EllipticCurvePublicKey,)):
+        # The data plane is ECDSA throughout; refuse RSA/Ed25519 rather than mix.
+        raise BadInput(f"the certificate request carries a {type(public_key).__name__}; an EC P-256 key is needed")
+    if not isinstance(public_key.curve, ec.SECP256R1):
+        raise BadInput(f"the certificate request's key is on {public_key.curve.name}; P-256 (secp256r1) is needed")
+    ca_cert, ca_key = _load_ca(Path(ca_dir))
+    alt_names = [parse_san(s) for s in (sans or [name])]
+    now = _utcnow()
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                                     x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Standby")]))
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,
+                                         crl_sign=False, content_commitment=False, data_encipherment=False,
+                                         key_agreement=True, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_cert(cert_pem_or_der: bytes | str) -> x509.Certificate:
+    """A certificate from PEM (text or bytes) or DER bytes."""
+    data = _as_bytes(cert_pem_or_der)
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise BadInput(f"not a certificate: {exc}") from None
+
+
+def fingerprint(cert_pem_or_der: bytes | str) -> str:
+    """SHA-256 of the certificate's DER, lowercase hex: how an agent is recognised (mTLS)."""
+    return load_cert(cert_pem_or_der).fingerprint(hashes.SHA256()).hex()
