@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,7 +34,12 @@ import pytest
 from standby.store import Store, open_store
 from standby.store.db import DB_FILENAME
 
-PG_USER = "postgres"  # the OS user that runs the server when the tests run as root
+# The cluster itself lives in src/standby/testing/postgres.py (the benchmarks use it too);
+# these names stay importable from here.
+from standby.testing.postgres import PG_USER, PgCluster, PgServer, find_pg_bindir, server_from_url
+
+__all__ = ["PG_USER", "PgCluster", "PgServer", "find_pg_bindir"]
+
 BACKENDS = ["sqlite", "postgresql"]
 
 
@@ -45,115 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "postgresql: runs against a real PostgreSQL (started by the tests)")
 
 
-def find_pg_bindir() -> Path | None:
-    """Debian's server binaries (initdb, pg_ctl), newest major version first."""
-    env = os.environ.get("STANDBY_PG_BINDIR")
-    candidates = (
-        [Path(env)]
-        if env
-        else sorted(
-            Path("/usr/lib/postgresql").glob("*/bin"),
-            key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-            reverse=True,
-        )
-    )
-    for d in candidates:
-        if (d / "initdb").is_file() and (d / "pg_ctl").is_file():
-            return d
-    return None
-
-
-@dataclass
-class PgServer:
-    """A PostgreSQL server the tests may create and drop databases on."""
-
-    host: str  # a socket directory, or a host name
-    user: str
-    port: int = 5432
-    password: str | None = None
-
-    def url(self, database: str) -> str:
-        cred = self.user if self.password is None else f"{self.user}:{self.password}"
-        if self.host.startswith("/"):
-            return f"postgresql+psycopg://{cred}@/{database}?host={self.host}&port={self.port}"
-        return f"postgresql+psycopg://{cred}@{self.host}:{self.port}/{database}"
-
-    def _admin(self):  # type: ignore[no-untyped-def]
-        import psycopg
-
-        return psycopg.connect(
-            host=self.host, port=self.port, user=self.user, password=self.password, dbname="postgres", autocommit=True
-        )
-
-    def create_database(self, name: str) -> str:
-        with self._admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 STRATEGY FILE_COPY')
-        return self.url(name)
-
-    def drop_database(self, name: str) -> None:
-        with self._admin() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-class PgCluster:
-    """initdb + pg_ctl in a temporary directory; the socket lives there too."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
-        self.as_root = os.geteuid() == 0
-        self.root = Path(tempfile.mkdtemp(prefix="standby-pg-"))
-        self.data = self.root / "data"
-        self.log = self.root / "server.log"
-        if self.as_root:
-            shutil.chown(self.root, user=PG_USER)
-        self.root.chmod(0o700)
-
-    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        cmd = [str(a) for a in args]
-        if self.as_root:
-            cmd = ["runuser", "-u", PG_USER, "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root)
-
-    def start(self) -> PgServer:
-        r = self._run(
-            self.bindir / "initdb",
-            "-D",
-            self.data,
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--locale=C.UTF-8",
-            "--no-sync",
-            "--no-instructions",
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"initdb failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
-        opts = (
-            f"-k {self.root} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
-            "-c synchronous_commit=off -c max_connections=200"
-        )
-        r = self._run(self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", opts, "start")
-        if r.returncode != 0:
-            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stderr.strip()}\n{log}")
-        return PgServer(host=str(self.root), user="postgres")
-
-    def stop(self) -> None:
-        try:
-            if (self.data / "postmaster.pid").exists():
-                self._run(self.bindir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop")
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _server_from_env(url: str) -> PgServer:
-    from sqlalchemy import make_url
-
-    u = make_url(url)
-    host = u.host or str(u.query.get("host", "/var/run/postgresql"))
-    return PgServer(host=host, user=u.username or "postgres", port=u.port or 5432, password=u.password)
+_server_from_env = server_from_url
 
 
 @pytest.fixture(scope="session")
