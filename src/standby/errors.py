@@ -30,8 +30,12 @@ class StandbyError(Exception):
     http_status: ClassVar[int] = 500
     template: ClassVar[str] = "{message}"
 
-    def __init__(self, message: str | None = None, /, **fields: Any) -> None:
+    def __init__(self, message: str | None = None, /, *, details: dict[str, Any] | None = None,
+                 **fields: Any) -> None:
         self.fields = fields
+        # Structured data for the API's `error.details` (a readiness refusal's findings);
+        # JSON-serializable by convention. Empty unless the raiser gives some.
+        self.details: dict[str, Any] = dict(details) if details else {}
         if message is None:
             message = self.template.format(**fields)
         self.message = message
