@@ -91,8 +91,8 @@ _REBUILD_JOBS = """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9999"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -111,7 +111,8 @@ def downgrade() -> None:
 def test_a_table_rebuilding_migration_keeps_the_rows_that_refer_to_it(empty_store_url: str, tmp_path: Any) -> None:
     scripts = tmp_path / "migrations"
     shutil.copytree(migrations_dir(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_rebuild_jobs.py").write_text(_REBUILD_JOBS)
+    # A migration on top of the current head (its revision id sorts after every real one).
+    (scripts / "versions" / "9999_rebuild_jobs.py").write_text(_REBUILD_JOBS.replace("{head}", head_revision()))
     store = open_store(empty_store_url)
     try:
         with store.transaction() as s:
@@ -121,7 +122,7 @@ def test_a_table_rebuilding_migration_keeps_the_rows_that_refer_to_it(empty_stor
     engine = create_store_engine(empty_store_url)
     try:
         upgrade(engine, script_location=str(scripts))
-        assert current_revision(engine) == "0002"
+        assert current_revision(engine) == "9999"
         with engine.connect() as conn:
             steps = conn.execute(text("SELECT name FROM job_steps WHERE job_id = :j ORDER BY position"), {"j": job_id})
             assert [r[0] for r in steps] == ["a", "b"]  # not cascaded away by the rebuild

@@ -10,7 +10,8 @@ Aggregates and what owns them:
   machine owns), health and replication progress;
 - `Alert`, `Webhook`, `AlertDelivery`: alerts and their webhook outbox;
 - `ApiToken`: REST API credentials;
-- `Job`, `JobStep`: every operation, the source of truth for its progress.
+- `Job`, `JobStep`: every operation, the source of truth for its progress;
+- `AgentTask`: work handed to an agent (a replication cycle, a prune ...), pulled by it.
 
 Secrets (registration keys, API tokens) are stored as SHA-256 digests of random
 tokens, never in clear. Enumerations the store can check (job states, roles,
@@ -241,6 +242,7 @@ class Policy(Base):
             "initial_replication <> 'offline' OR (offline_export_path IS NOT NULL AND offline_import_path IS NOT NULL)",
             name="initial_offline",
         ),
+        CheckConstraint("rpo_alert_seconds IS NULL OR rpo_alert_seconds > 0", name="rpo_alert"),
         SQLITE_NO_ID_REUSE,
     )
 
@@ -258,6 +260,8 @@ class Policy(Base):
     offline_export_path: Mapped[str | None] = mapped_column(Text)
     offline_import_path: Mapped[str | None] = mapped_column(Text)
     delete_replica_on_disable: Mapped[bool] = mapped_column(default=False)
+    # RPO above this raises an rpo_breach alert; None: 3 x the copy frequency (60 s when continuous).
+    rpo_alert_seconds: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -531,3 +535,56 @@ class JobStep(Base):
     ended_at: Mapped[datetime | None]
 
     job: Mapped[Job] = relationship(back_populates="steps")
+
+
+# ---------------------------------------------------------------- agent tasks
+
+TASK_STATES = ("queued", "claimed", "succeeded", "failed", "cancelled", "expired")
+TASK_OPEN_STATES = ("queued", "claimed")
+TASK_KINDS = ("cycle", "prune", "delete_replica", "list_points", "seed_export", "seed_import")
+
+
+class AgentTask(Base):
+    """Work for one agent, which pulls it (`repo.tasks.claim`) and reports the result.
+
+    Open while queued or claimed; a task not finished by `deadline_at` expires. `kind`
+    is not constrained by the database (new kinds need no migration); `TASK_KINDS` lists
+    the contract's."""
+
+    __tablename__ = "agent_tasks"
+    __table_args__ = (
+        CheckConstraint(f"state IN ({in_clause(TASK_STATES)})", name="state"),
+        CheckConstraint("progress BETWEEN 0 AND 100", name="progress"),
+        CheckConstraint("attempt >= 0", name="attempt"),
+        # claim: an agent's open tasks; expire: open tasks by deadline; purge: old finished ones.
+        Index("ix_agent_tasks_agent_state", "agent_id", "state"),
+        Index("ix_agent_tasks_state_deadline", "state", "deadline_at"),
+        Index("ix_agent_tasks_item_kind_state", "item_id", "kind", "state"),
+        SQLITE_NO_ID_REUSE,
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    agent_id: Mapped[int] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(40))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    attempt: Mapped[int] = mapped_column(default=0)
+    progress: Mapped[int] = mapped_column(default=0)
+    message: Mapped[str] = mapped_column(Text, default="")
+    bytes_done: Mapped[int | None] = mapped_column(BigInteger)
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    error_type: Mapped[str | None] = mapped_column(String(80))
+    item_id: Mapped[int | None] = mapped_column(ForeignKey("protected_items.id", ondelete="SET NULL"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None] = mapped_column(index=True)
+    deadline_at: Mapped[datetime]
+    cancel_requested_at: Mapped[datetime | None]
+
+    agent: Mapped[Agent] = relationship()
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in TASK_OPEN_STATES

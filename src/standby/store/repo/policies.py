@@ -38,6 +38,7 @@ POLICY_FIELDS = frozenset(
         "offline_export_path",
         "offline_import_path",
         "delete_replica_on_disable",
+        "rpo_alert_seconds",
     }
 )
 
@@ -62,6 +63,8 @@ def _check_policy(p: Policy) -> None:
         problems.append("a scheduled initial replication needs its start time")
     if p.initial_replication == "offline" and not (p.offline_export_path and p.offline_import_path):
         problems.append("an offline initial replication needs the export and import paths")
+    if p.rpo_alert_seconds is not None and (isinstance(p.rpo_alert_seconds, bool) or p.rpo_alert_seconds <= 0):
+        problems.append(f"the RPO alert threshold {p.rpo_alert_seconds!r} s must be a positive number of seconds")
     if problems:
         raise BadInput(f"policy {p.name!r}: " + "; ".join(problems))
 
