@@ -11,6 +11,9 @@ Rules (docs/control-plane.md, "Scheduler and health"):
 - normal otherwise. The reason names the worst finding (the first of the worst
   severity, in the order above).
 
+Reasons do not quote the live RPO (it changes every second; the item shows it): a
+reason changes only when the finding does, so health is rewritten only then.
+
 The threshold is the policy's `rpo_alert_seconds`, by default 3 x the copy frequency
 (60 s for continuous replication). RPO is judged only while cycles run: a paused or
 failed-over item's last point ages by design, and its state already says so.
@@ -94,12 +97,12 @@ def findings(
             Finding(
                 Health.CRITICAL,
                 "rpo_critical",
-                f"RPO {_secs(rpo_seconds)} is above {CRITICAL_RPO_FACTOR} x the {_secs(threshold)} threshold",
+                f"RPO is above {CRITICAL_RPO_FACTOR} x the {_secs(threshold)} threshold",
             )
         )
     elif judged and rpo_seconds is not None and rpo_seconds > threshold:
         out.append(
-            Finding(Health.WARNING, "rpo_breach", f"RPO {_secs(rpo_seconds)} is above the {_secs(threshold)} threshold")
+            Finding(Health.WARNING, "rpo_breach", f"RPO is above the {_secs(threshold)} threshold")
         )
     if s_health is Health.WARNING:
         out.append(Finding(Health.WARNING, "state", state_health_reason(state)))
@@ -112,8 +115,7 @@ def findings(
             Finding(
                 Health.WARNING,
                 "storage_low",
-                f"the secondary's storage is {secondary_free_fraction:.1%} free "
-                f"(below {storage_low_fraction:.0%})",
+                f"the secondary's storage is below {storage_low_fraction:.0%} free",
             )
         )
     out.sort(key=lambda f: -_RANK[f.health])  # stable: rule order within a severity
