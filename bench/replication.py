@@ -8,7 +8,7 @@ Figures (medians of N runs, default 5; the slow figures take min(N, 3) runs):
 
 (a) delta cycle: 1% of the 64 KiB blocks of a 1 GiB image changed at random (new
     text-like, random or zero content), replicated over loopback mutual TLS to an agent
-    running as a separate process (`standby agent`), with the changed extents given (the
+    running as a separate process (`standby agent receive`), with the changed extents given (the
     hypervisor change source), applied and committed as a recovery point (the sender
     returns once the agent acknowledged the durable point); against `rsync --inplace
     --no-whole-file` of the same change to a copy of the image (both warm in page cache).
@@ -294,7 +294,7 @@ class Pki:
 def start_agent(procs: Procs, work: Path, name: str, pki: Pki, prefix: list[str] | None = None) -> tuple[
         subprocess.Popen[Any], int]:
     logfile = work / f"{name}.log"
-    argv = (prefix or []) + [sys.executable, "-m", "standby.cli.main", "agent", "--listen", "127.0.0.1:0",
+    argv = (prefix or []) + [sys.executable, "-m", "standby.cli.main", "agent", "receive", "--listen", "127.0.0.1:0",
                              "--store", str(work / name)] + Pki.args(pki.agent)
     p = procs.start(argv, logfile, env=_env())
     line = wait_for_line(logfile, "agent listening on", p)

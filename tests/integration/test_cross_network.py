@@ -113,12 +113,12 @@ def sites() -> Iterator[netns.TwoSites]:
 
 
 class Agent:
-    """`standby agent` in site b, its log in a file."""
+    """`standby agent receive` in site b, its log in a file."""
 
     def __init__(self, sites: netns.TwoSites, store: Path, pki: dict[str, Path], log: Path) -> None:
         self.sites, self.store, self.log = sites, store, log
         self._log_file = open(log, "w")
-        self.proc = sites.popen("b", [STANDBY, "agent", "--listen", f"{sites.addr_b}:{AGENT_PORT}",
+        self.proc = sites.popen("b", [STANDBY, "agent", "receive", "--listen", f"{sites.addr_b}:{AGENT_PORT}",
                                       "--store", str(store), "--cert", str(pki["agent.crt"]),
                                       "--key", str(pki["agent.key"]), "--ca", str(pki["ca"])],
                                 stdout=self._log_file, stderr=subprocess.STDOUT, env=_env())

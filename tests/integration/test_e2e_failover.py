@@ -1,7 +1,7 @@
 """End to end (issue 4, first "Done when" bullet): the test guest writes records on the
 "primary" (libvirtd in the root network namespace); Standby replicates it cycle after
 cycle with `replicate_vm` (the LibvirtDriver's checkpoints and pull-mode NBD backups,
-the data plane's sender) from network namespace "a" to `standby agent` in namespace "b",
+the data plane's sender) from network namespace "a" to `standby agent receive` in namespace "b",
 whose replica store is the "secondary" directory, over mutual TLS with certificates made
 by `standby ca`. The source VM is then destroyed (unplanned); the latest recovery point
 is materialized on the secondary (`standby points materialize`, run in "b") as a qcow2
@@ -243,7 +243,7 @@ def test_failover_from_the_latest_point_after_the_primary_vm_is_killed(
         pki = _pki(work / "pki", sites)
         agent_log = secondary / "agent.log"
         logs.append(open(agent_log, "w"))  # noqa: SIM115 - closed in the finally
-        agent = sites.popen("b", [STANDBY, "agent", "--listen", f"{sites.addr_b}:{AGENT_PORT}", "--store",
+        agent = sites.popen("b", [STANDBY, "agent", "receive", "--listen", f"{sites.addr_b}:{AGENT_PORT}", "--store",
                                   str(store), "--cert", str(pki["agent.crt"]), "--key", str(pki["agent.key"]),
                                   "--ca", str(pki["ca"])], stdout=logs[-1], stderr=subprocess.STDOUT)
         procs.append(agent)

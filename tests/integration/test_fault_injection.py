@@ -16,7 +16,7 @@ on the secondary. After each fault:
 
 The SIGKILL runs use real processes: the sender is the `standby replicate` CLI; the agent
 is a small `python -c` driver around `receiver.Receiver` (so its checkpoint interval can be
-short; `standby agent` has no option for it) that prints a marker line with its monotonic
+short; `standby agent receive` has no option for it) that prints a marker line with its monotonic
 clock at each step of a cycle (connection accepted, HELLO, stream begun, first DATA,
 CYCLE_END received, point acknowledged, connection closed). A run picks a victim (sender or
 agent) and a target phase (handshake, data transfer, commit), waits for the phase's first
@@ -782,7 +782,7 @@ def _fill(fs: Path, leave_bytes: int) -> Path:
 
 @pytest.mark.slow
 def test_full_disk_on_the_secondary(tmp_path: Path, pki: dict[str, tls.Identity], small_fs: Path) -> None:
-    """The agent (`standby agent`) keeps its store on a 20 MiB tmpfs. A cycle that does not
+    """The agent (`standby agent receive`) keeps its store on a 20 MiB tmpfs. A cycle that does not
     fit fails with OutOfSpace, sent to the sender as an ERROR: `standby replicate` exits 7
     with the message; the replica stays at its previous whole point; once space is freed
     (filler deleted, or the filesystem remounted bigger) the next cycle completes without a
@@ -800,7 +800,7 @@ def test_full_disk_on_the_secondary(tmp_path: Path, pki: dict[str, tls.Identity]
                STANDBY_SENDER_STATE=str(tmp_path / "state"))
     log = tmp_path / "agent.log"
     with open(log, "wb") as logf:
-        agent = subprocess.Popen([sys.executable, "-m", "standby.cli.main", "agent", "--listen", "127.0.0.1:0",
+        agent = subprocess.Popen([sys.executable, "-m", "standby.cli.main", "agent", "receive", "--listen", "127.0.0.1:0",
                                   "--store", str(store), "--cert", str(ident.cert), "--key", str(ident.key),
                                   "--ca", str(ident.ca)], stderr=logf, env=env)
     try:

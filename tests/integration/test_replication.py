@@ -256,7 +256,7 @@ def test_cli(tmp_path: Path) -> None:
     _cli("ca", "issue", str(tmp_path / "ca"), "agent", "--san", "127.0.0.1", env=env)
     _cli("ca", "issue", str(tmp_path / "ca"), "sender", "--san", "127.0.0.1", env=env)
     ca = str(tmp_path / "ca" / "ca.crt")
-    agent = subprocess.Popen([sys.executable, "-m", "standby.cli.main", "agent", "--listen", "127.0.0.1:0",
+    agent = subprocess.Popen([sys.executable, "-m", "standby.cli.main", "agent", "receive", "--listen", "127.0.0.1:0",
                               "--store", str(tmp_path / "store"), "--cert", str(tmp_path / "ca" / "agent.crt"),
                               "--key", str(tmp_path / "ca" / "agent.key"), "--ca", ca],
                              stderr=subprocess.PIPE, text=True, env=env)

@@ -3,7 +3,7 @@ replication of an image, recovery points of a local replica store, offline seeds
 
     standby ca init DIR
     standby ca issue DIR NAME --san 10.0.0.5 --san host.example
-    standby agent --listen 0.0.0.0:7443 --store /var/lib/standby --cert C --key K --ca CA
+    standby agent receive --listen 0.0.0.0:7443 --store /var/lib/standby --cert C --key K --ca CA
     standby replicate IMAGE --to HOST:PORT --disk-id ID [--seed|--hash-scan|--changed-extents F]
     standby points list --store DIR --disk-id ID
     standby points verify --store DIR --disk-id ID [--point P | --all]
@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
-import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -82,50 +79,6 @@ def ca_issue(directory: Path = typer.Argument(..., help="The CA directory."),
     ident = issue(directory, name, san or None, days=days, out_dir=out)
     console.print(f"issued {escape(str(ident.cert))} and {escape(str(ident.key))} (mode 0600) "
                   f"for {escape(', '.join(san or [name]))}")
-
-
-# ---------------------------------------------------------------------------- agent
-
-
-def _listen(text: str) -> tuple[str, int]:
-    from standby.replication.sender import Endpoint
-
-    ep = Endpoint.parse(text, allow_any_port=True)
-    return ep.host, ep.port
-
-
-def agent_cmd(
-    listen: str = typer.Option("0.0.0.0:7443", "--listen", help="HOST:PORT to listen on (port 0: any)."),
-    store: Path = typer.Option(..., "--store", help="Replica store directory."),
-    cert: Path = _CERT, key: Path = _KEY, ca: Path = _CA,
-) -> None:
-    """Serve the replication receiver: apply cycles from senders to the replica store."""
-    from standby.replication.receiver import Receiver
-    from standby.replication.store import ReplicaStore
-    from standby.replication.tls import Identity, server_context
-
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = _listen(listen)
-    ctx = server_context(Identity(cert, key, ca))
-    try:
-        rx = Receiver(ReplicaStore(store), ctx, host, port)
-    except OSError as exc:
-        raise BadInput(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    rx.start()
-    logging.getLogger("standby.agent").info("agent listening on %s:%d, store %s", rx.address[0], rx.address[1],
-                                            store)
-    while not stop.wait(1.0):
-        pass
-    logging.getLogger("standby.agent").info("agent stopping")
-    rx.stop()
 
 
 # ---------------------------------------------------------------------------- replicate
@@ -406,8 +359,10 @@ def seed_import(src: Path = typer.Argument(..., help="Seed directory made by `st
 
 
 def register(app: typer.Typer) -> None:
+    from standby.cli import agent_cmds
+
     app.add_typer(ca_app, name="ca")
-    app.command("agent")(agent_cmd)
+    agent_cmds.register(app)  # `standby agent receive|register|run`
     app.command("replicate")(replicate_cmd)
     app.add_typer(points_app, name="points")
     app.add_typer(seed_app, name="seed")

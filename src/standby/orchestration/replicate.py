@@ -131,13 +131,17 @@ def _with_kind(source: ChangeSource, kind: CycleKind) -> ChangeSource | None:
 def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, context: ssl.SSLContext,
                  state_dir: Path | str, *, consistency: str = "auto", options: SenderOptions | None = None,
                  disk_ids: Mapping[str, str] | None = None,
-                 on_session: Callable[[Any], None] | None = None) -> VmCycleResult:
+                 on_session: Callable[[Any], None] | None = None, force_hash_scan: bool = False,
+                 progress: Callable[[int], None] | None = None) -> VmCycleResult:
     """Run one replication cycle of `vm` to the agent at `endpoint`.
 
     `state_dir` keeps this VM's replication state and the sender's per-disk state;
     `disk_ids` maps a disk target to its replica disk id (default `<vm>-<target>`);
     `on_session` is called with the open cycle session before anything is sent (tests
-    use it to look at the point-in-time view)."""
+    use it to look at the point-in-time view); `force_hash_scan` compares every block
+    with the replica's digests even where the changed extents are trusted (an operator's
+    resync: it repairs a replica that missed writes the change tracking did not report);
+    `progress` gets the bytes examined, from the sender's threads."""
     state_dir = Path(state_dir)
     if isinstance(endpoint, str):
         endpoint = Endpoint.parse(endpoint)
@@ -168,6 +172,12 @@ def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, co
                     source = scan
                     reason = (f"the replica's latest point is {latest or 'none'}, not "
                               f"{st.points.get(disk_id) or 'none'} as this VM's last cycle left it")
+                if force_hash_scan and source.kind is CycleKind.EXTENTS:
+                    scan = _with_kind(source, CycleKind.HASH_SCAN)
+                    if scan is None:
+                        raise Conflict(f"a hash scan of {disk_id} was asked for and its change source cannot "
+                                       "be rescanned")
+                    source, reason = scan, "a hash scan was asked for (resync)"
                 if source.kind is CycleKind.HASH_SCAN and latest is None:
                     source = _with_kind(source, CycleKind.SEED) or source
                 item.kind, item.resync_reason = source.kind.name.lower(), reason
@@ -178,7 +188,7 @@ def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, co
                     meta["notes"] = [n[:300] for n in session.notes[:8]]
                 res = run_cycle(source, endpoint, context, disk_id,
                                 replace(opts, state_dir=state_dir / "sender", consistency=cons,
-                                        meta={**opts.meta, **meta}))
+                                        meta={**opts.meta, **meta}), progress=progress)
                 item.result = res
                 st.points[disk_id] = res.point_id
                 st.save()

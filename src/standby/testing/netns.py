@@ -2,7 +2,7 @@
 optionally with a bandwidth limit (tc tbf) on each end. Needs root and iproute2.
 
     with TwoSites(rate_mbit=100) as sites:
-        sites.popen("b", ["standby", "agent", "--listen", f"{sites.addr_b}:7443", ...])
+        sites.popen("b", ["standby", "agent", "receive", "--listen", f"{sites.addr_b}:7443", ...])
         sites.run("a", ["standby", "replicate", ..., "--to", f"{sites.addr_b}:7443"])
 """
 

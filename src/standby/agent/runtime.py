@@ -1,0 +1,484 @@
+"""`standby agent run`: one agent process, from its data directory.
+
+Threads:
+
+- the replication receiver (`Receiver`: an accept thread and one thread per connection)
+  on the configured listen address, over the replica store `A/replicas`, with a server
+  TLS context from `agent.crt`/`agent.key` trusting `ca.crt` (the control plane's CA:
+  every registered agent's certificate is signed by it, so peers authenticate each other);
+- `heartbeat`: POST /agent/heartbeat every `heartbeat_seconds` (the interval the control
+  plane answers with) with the version, the replica store's free and total bytes, and
+  facts (host, listen address, running tasks, receiver counters);
+- `inventory`: PUT /agent/inventory at start, every `inventory_seconds` and after a task
+  that found a VM gone: the libvirt host as discovered, narrowed to the owned domains;
+- `tasks`: POST /agent/tasks/claim about every second while a worker is free, hands the
+  tasks to `workers` worker threads (2), which run them (`tasks.execute`), POST progress
+  at most every `progress_seconds` and POST the result.
+
+The control plane may go away (restart, network): a connection failure or a 5xx answer
+is logged once per outage ("unreachable", then "reachable again after N s") and every
+loop retries with a backoff of 1, 2, 4 ... 30 s. Replication (the receiver, running
+cycles) goes on meanwhile; a result that could not be posted is kept and posted when the
+control plane is back.
+
+Claims: the control plane hands back, first, the tasks this agent claimed and has not
+finished (so a restarted agent runs them again), then queued ones, up to `max`. The agent
+asks for as many as it has unfinished (running, or result not yet posted) plus its free
+workers, and skips those it already has.
+
+SIGTERM/SIGINT (`stop`): no more claims, the receiver stops, the loops end, and running
+tasks get `stop_grace` seconds to finish; a task still running then is left unfinished
+(its thread is a daemon) and is handed to this agent again after its restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from standby import __version__
+from standby.agent import inventory as inv
+from standby.agent.config import AgentConfig
+from standby.agent.tasks import Outcome, TaskEnv, TaskProgress, execute
+from standby.errors import NotFound, RemoteError, StandbyError
+
+log = logging.getLogger("standby.agent")
+
+MAX_BACKOFF = 30.0
+
+
+class ControlPlaneDown(RemoteError):
+    """The control plane did not answer, or answered with a server error (5xx)."""
+
+
+def _is_outage(exc: StandbyError) -> bool:
+    status = getattr(exc, "http_status_received", None)
+    if status is None:
+        return isinstance(exc, RemoteError)  # no HTTP answer at all: refused, reset, timeout
+    return int(status) >= 500
+
+
+class ControlPlane:
+    """The agent's side of the agent API: the shared ApiClient (client certificate), one
+    per thread, and the outage bookkeeping that keeps the log to one line per outage."""
+
+    def __init__(self, cfg: AgentConfig, timeout: float = 30.0,
+                 client_factory: Callable[[], Any] | None = None) -> None:
+        self.cfg = cfg
+        self.timeout = timeout
+        self._factory = client_factory or self._client
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._clients: list[Any] = []
+        self.down_since: float | None = None
+        self.outages = 0
+
+    def _client(self) -> Any:
+        from standby.client import ApiClient
+
+        return ApiClient(self.cfg.server_url, ca=self.cfg.ca_path, cert=(self.cfg.cert_path, self.cfg.key_path),
+                         timeout=self.timeout)
+
+    def client(self) -> Any:
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._local.client = self._factory()
+            with self._lock:
+                self._clients.append(c)
+        return c
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; ControlPlaneDown on an outage (logged once), the StandbyError of
+        the answer otherwise (a 4xx: the control plane said no)."""
+        try:
+            out = self.client().request(method, path, json=body)
+        except StandbyError as exc:
+            if not _is_outage(exc):
+                self._answered()  # a refusal is an answer: the control plane is there
+                raise
+            with self._lock:
+                first = self.down_since is None
+                if first:
+                    self.down_since = time.monotonic()
+                    self.outages += 1
+            if first:
+                log.warning("control plane unreachable (%s); retrying with backoff, replication goes on",
+                            exc.message)
+            raise ControlPlaneDown(exc.message) from None
+        self._answered()
+        return out
+
+    def _answered(self) -> None:
+        with self._lock:
+            since, self.down_since = self.down_since, None
+        if since is not None:
+            log.info("control plane reachable again after %.0f s", time.monotonic() - since)
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for c in clients:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing; nothing to do about it
+                pass
+
+
+@dataclass
+class RunningTask:
+    task: dict[str, Any]
+    progress: TaskProgress = field(default_factory=TaskProgress)
+    outcome: Outcome | None = None
+    started: float = field(default_factory=time.monotonic)
+    posting: threading.Lock = field(default_factory=threading.Lock)  # one result post at a time
+
+    @property
+    def id(self) -> int:
+        return int(self.task["id"])
+
+
+class AgentRuntime:
+    def __init__(self, cfg: AgentConfig, *, workers: int = 2, claim_seconds: float = 1.0,
+                 inventory_seconds: float = 60.0, progress_seconds: float = 1.0, stop_grace: float = 30.0,
+                 driver_factory: Callable[[], Any] | None = None, control_plane: ControlPlane | None = None) -> None:
+        self.cfg = cfg
+        self.workers = workers
+        self.claim_seconds = claim_seconds
+        self.inventory_seconds = inventory_seconds
+        self.progress_seconds = progress_seconds
+        self.stop_grace = stop_grace
+        self.heartbeat_seconds = cfg.heartbeat_seconds
+        self.cp = control_plane or ControlPlane(cfg)
+        self._driver_factory = driver_factory or self._libvirt_driver
+        self._driver: Any = None
+        self._driver_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._inventory_now = threading.Event()
+        self._queue: queue.Queue[RunningTask | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._tasks: dict[int, RunningTask] = {}  # claimed here, result not yet accepted
+        self._threads: list[threading.Thread] = []
+        self._workers: list[threading.Thread] = []
+        self.clock_skew: float | None = None
+        self.receiver: Any = None
+        self.store: Any = None
+        self.env: TaskEnv | None = None
+        self.stats = {"heartbeats": 0, "inventories": 0, "claimed": 0, "succeeded": 0, "failed": 0}
+
+    # ------------------------------------------------------------------ parts
+
+    def _libvirt_driver(self) -> Any:
+        from standby.drivers.libvirt.driver import LibvirtDriver
+
+        return LibvirtDriver(self.cfg.libvirt_uri, self.cfg.tracking_dir)
+
+    def driver(self) -> Any:
+        """The libvirt driver, opened on first use and reopened when its connection died
+        (libvirtd restarted)."""
+        with self._driver_lock:
+            d = self._driver
+            if d is not None:
+                conn = getattr(d, "_conn", None)
+                try:
+                    alive = conn is None or bool(conn.isAlive())
+                except Exception:  # noqa: BLE001 - a dead connection may raise anything
+                    alive = False
+                if not alive:
+                    log.info("libvirt connection to %s lost; reconnecting", self.cfg.libvirt_uri)
+                    d.close()
+                    self._driver = d = None
+            if d is None:
+                d = self._driver = self._driver_factory()
+            return d
+
+    def start(self) -> AgentRuntime:
+        from standby.replication.receiver import Receiver
+        from standby.replication.store import ReplicaStore
+        from standby.replication.tls import Identity, client_context, server_context
+
+        cfg = self.cfg
+        ident = Identity(cfg.cert_path, cfg.key_path, cfg.ca_path)
+        server_ctx = server_context(ident)
+        client_ctx = client_context(ident)
+        cfg.replicas_dir.mkdir(parents=True, exist_ok=True)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ReplicaStore(cfg.replicas_dir)
+        try:
+            self.receiver = Receiver(self.store, server_ctx, cfg.listen_host, cfg.listen_port)
+        except OSError as exc:
+            from standby.errors import BadInput
+
+            raise BadInput(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+        self.receiver.start()
+
+        def ctx() -> ssl.SSLContext:
+            return client_ctx
+
+        self.env = TaskEnv(self.store, cfg.state_dir, self.driver, ctx, cfg.owns)
+        for name, target in (("agent-heartbeat", self._heartbeat_loop), ("agent-inventory", self._inventory_loop),
+                             ("agent-tasks", self._task_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(t)
+        for i in range(self.workers):
+            self._workers.append(threading.Thread(target=self._worker, name=f"agent-worker-{i}", daemon=True))
+        for t in self._threads + self._workers:
+            t.start()
+        log.info("agent %s running: replication on %s:%d, replicas in %s, control plane %s", cfg.name,
+                 self.receiver.address[0], self.receiver.address[1], cfg.replicas_dir, cfg.server_url)
+        return self
+
+    def stop(self) -> None:
+        log.info("agent %s stopping", self.cfg.name)
+        self._stop.set()
+        self._inventory_now.set()
+        if self.receiver is not None:
+            self.receiver.stop()
+        for t in self._threads:
+            t.join(timeout=self.cp.timeout + 5)
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + self.stop_grace
+        for t in self._workers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        left = [rt for rt in self.running() if rt.outcome is None]
+        if left:
+            log.warning("stopping with %d task(s) unfinished (%s): they are handed back after a restart",
+                        len(left), ", ".join(f"{rt.id} {rt.task.get('kind')}" for rt in left))
+        else:
+            self._post_pending_results()  # last try for results the control plane has not taken yet
+        self.cp.close()
+        with self._driver_lock:
+            if self._driver is not None and not left:  # a running task may still use it
+                self._driver.close()
+                self._driver = None
+        log.info("agent %s stopped", self.cfg.name)
+
+    def __enter__(self) -> AgentRuntime:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def running(self) -> list[RunningTask]:
+        with self._lock:
+            return list(self._tasks.values())
+
+    def sync_inventory_soon(self) -> None:
+        self._inventory_now.set()
+
+    # ------------------------------------------------------------------ loops
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep unless stopping; True when stopping."""
+        return self._stop.wait(seconds)
+
+    @staticmethod
+    def _backoff(delay: float) -> float:
+        return min(MAX_BACKOFF, max(1.0, delay * 2))
+
+    def heartbeat(self) -> dict[str, Any]:
+        free, total = inv.storage(self.cfg.replicas_dir)
+        running = self.running()
+        facts = {"host": self.cfg.host, "listen": self.cfg.listen, "libvirt_uri": self.cfg.libvirt_uri,
+                 "domains": self.cfg.domains, "tasks_running": [rt.id for rt in running if rt.outcome is None],
+                 "receiver": dict(self.receiver.stats) if self.receiver is not None else {}}
+        t0 = time.time()
+        answer = self.cp.call("POST", "/agent/heartbeat", {"version": __version__, "storage_free_bytes": free,
+                                                           "storage_total_bytes": total, "facts": facts})
+        t1 = time.time()
+        self.stats["heartbeats"] += 1
+        if isinstance(answer, dict):
+            hb = answer.get("heartbeat_seconds")
+            if isinstance(hb, (int, float)) and hb > 0 and hb != self.heartbeat_seconds:
+                log.info("heartbeat every %g s (control plane)", hb)
+                self.heartbeat_seconds = float(hb)
+            server_time = answer.get("server_time")
+            if isinstance(server_time, str):
+                try:
+                    st = datetime.fromisoformat(server_time.replace("Z", "+00:00"))
+                    if st.tzinfo is None:
+                        st = st.replace(tzinfo=timezone.utc)
+                    self.clock_skew = (t0 + t1) / 2 - st.timestamp()
+                except ValueError:
+                    pass
+        return answer if isinstance(answer, dict) else {}
+
+    def _heartbeat_loop(self) -> None:
+        delay = 0.0
+        while not self._stop.is_set():
+            try:
+                self.heartbeat()
+                delay = 0.0
+                wait = self.heartbeat_seconds
+            except ControlPlaneDown:
+                delay = wait = self._backoff(delay)
+            except StandbyError as exc:
+                log.warning("heartbeat refused: %s", exc.message)
+                delay = wait = self._backoff(delay)
+            except Exception:  # noqa: BLE001 - a bug must not stop the heartbeats
+                log.exception("heartbeat failed")
+                delay = wait = self._backoff(delay)
+            if self._wait(wait):
+                return
+
+    def sync_inventory(self) -> dict[str, Any]:
+        body = inv.collect(self.cfg, self.driver(), self.clock_skew)
+        answer = self.cp.call("PUT", "/agent/inventory", body)
+        self.stats["inventories"] += 1
+        return answer if isinstance(answer, dict) else {}
+
+    def _inventory_loop(self) -> None:
+        delay = 0.0
+        while not self._stop.is_set():
+            self._inventory_now.clear()
+            try:
+                res = self.sync_inventory()
+                changed = {k: v for k, v in res.items() if v and k != "hosts_updated" and k != "vms_updated"}
+                if changed:
+                    log.info("inventory synced: %s", ", ".join(f"{k} {', '.join(map(str, v))}"
+                                                                for k, v in changed.items()))
+                delay = 0.0
+                wait = self.inventory_seconds
+            except ControlPlaneDown:
+                delay = wait = self._backoff(delay)
+            except StandbyError as exc:  # libvirt down, or the control plane refused the report
+                log.warning("inventory not synced: %s", exc.message)
+                delay = wait = self._backoff(delay)
+            except Exception:  # noqa: BLE001
+                log.exception("inventory sync failed")
+                delay = wait = self._backoff(delay)
+            self._inventory_now.wait(wait)
+
+    def claim(self) -> list[RunningTask]:
+        """Claim new tasks for the free workers; returns those handed to them."""
+        with self._lock:
+            known = set(self._tasks)
+            busy = sum(1 for rt in self._tasks.values() if rt.outcome is None)
+        free = self.workers - busy
+        if free <= 0:
+            return []
+        answer = self.cp.call("POST", "/agent/tasks/claim", {"max": len(known) + free})
+        new = []
+        for t in (answer or {}).get("tasks", []):
+            if not isinstance(t, dict) or not isinstance(t.get("id"), int) or t["id"] in known:
+                continue
+            if len(new) >= free:
+                break  # handed back to us at the next claim
+            rt = RunningTask(t)
+            with self._lock:
+                self._tasks[rt.id] = rt
+            new.append(rt)
+            log.info("task %d %s claimed (attempt %s)", rt.id, t.get("kind"), t.get("attempt"))
+            self._queue.put(rt)
+        self.stats["claimed"] += len(new)
+        return new
+
+    def _task_loop(self) -> None:
+        delay = 0.0
+        while not self._stop.is_set():
+            try:
+                self._post_pending_results()
+                self.claim()
+                delay = 0.0
+                wait = self.claim_seconds
+            except ControlPlaneDown:
+                delay = wait = self._backoff(delay)
+            except StandbyError as exc:
+                log.warning("claiming tasks refused: %s", exc.message)
+                delay = wait = self._backoff(delay)
+            except Exception:  # noqa: BLE001
+                log.exception("claiming tasks failed")
+                delay = wait = self._backoff(delay)
+            if self._wait(wait):
+                return
+
+    def _post_pending_results(self) -> None:
+        for rt in self.running():
+            if rt.outcome is not None:
+                self._post_result(rt)
+
+    def _post_result(self, rt: RunningTask) -> bool:
+        assert rt.outcome is not None
+        if not rt.posting.acquire(blocking=False):
+            return False  # the worker and the task loop both try: one is enough
+        try:
+            with self._lock:
+                if rt.id not in self._tasks:
+                    return True
+            try:
+                self.cp.call("POST", f"/agent/tasks/{rt.id}/result", rt.outcome.body())
+            except ControlPlaneDown:
+                return False  # kept; posted by the task loop once the control plane is back
+            except NotFound:
+                pass  # the task is gone (purged, or the agent re-registered): nothing to report to
+            except StandbyError as exc:
+                log.warning("result of task %d refused: %s", rt.id, exc.message)
+            with self._lock:
+                self._tasks.pop(rt.id, None)
+            return True
+        finally:
+            rt.posting.release()
+
+    def _post_progress(self, rt: RunningTask) -> None:
+        try:
+            answer = self.cp.call("POST", f"/agent/tasks/{rt.id}/progress", rt.progress.snapshot())
+        except StandbyError:
+            return  # progress is best effort; the result is what counts
+        if isinstance(answer, dict) and answer.get("cancel_requested") and not rt.progress.cancel_requested:
+            rt.progress.cancel_requested = True
+            log.info("task %d: the control plane asked to cancel it", rt.id)
+
+    def _run(self, rt: RunningTask) -> Outcome:
+        """Run a task on this thread while a helper posts its progress."""
+        assert self.env is not None
+        done = threading.Event()
+
+        def reporter() -> None:
+            while not done.is_set():
+                rt.progress.changed.wait(self.progress_seconds)
+                if done.is_set():
+                    return
+                if rt.progress.changed.is_set():
+                    rt.progress.changed.clear()
+                    self._post_progress(rt)
+                done.wait(self.progress_seconds)  # at most one progress post a second
+
+        rt.progress.set(0, "started")
+        self._post_progress(rt)
+        if rt.progress.cancel_requested:
+            return Outcome(False, {}, "cancelled before it started", "Refused")
+        t = threading.Thread(target=reporter, name=f"agent-progress-{rt.id}", daemon=True)
+        t.start()
+        try:
+            return execute(self.env, rt.task, rt.progress)
+        finally:
+            done.set()
+            rt.progress.changed.set()
+            t.join()
+
+    def _worker(self) -> None:
+        while True:
+            rt = self._queue.get()
+            if rt is None:
+                return
+            t0 = time.monotonic()
+            outcome = self._run(rt)
+            rt.outcome = outcome
+            took = time.monotonic() - t0
+            if outcome.ok:
+                self.stats["succeeded"] += 1
+                log.info("task %d %s done in %.1f s", rt.id, rt.task.get("kind"), took)
+            else:
+                self.stats["failed"] += 1
+                log.warning("task %d %s failed in %.1f s: %s: %s", rt.id, rt.task.get("kind"), took,
+                            outcome.error_type, outcome.error)
+                if outcome.error_type == NotFound.__name__ and rt.task.get("kind") in ("cycle", "seed_export"):
+                    self.sync_inventory_soon()  # the VM may be gone: tell the control plane
+            self._post_result(rt)
