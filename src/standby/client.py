@@ -103,6 +103,8 @@ class ApiClient:
                                   verify=self._tls_context(), http2=False, follow_redirects=False)
 
     def _tls_context(self) -> ssl.SSLContext | bool:
+        if self.base_url.startswith("http://"):
+            return False  # no TLS: do not load a trust store for nothing
         if self.ca is None and self.cert is None:
             return True  # the system's trust store
         try:

@@ -15,6 +15,7 @@ from standby import __version__
 from standby.cli import demo_cmds, readiness_cmds
 from standby.cli import replication_cmds
 from standby.cli import discover_cmds
+from standby.cli import control_cmds, server_cmds
 from standby.errors import StandbyError
 
 app = typer.Typer(
@@ -48,6 +49,8 @@ readiness_cmds.register(app)
 demo_cmds.register(app)
 replication_cmds.register(app)
 discover_cmds.register(app)
+control_cmds.register(app)
+server_cmds.register(app)
 
 
 def run(argv: list[str] | None = None) -> int:
