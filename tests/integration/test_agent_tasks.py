@@ -172,3 +172,64 @@ def test_offline_seed_then_incremental_catch_up(libvirtd: str, offline_vm: tuple
         assert d["kind"] == "extents" and d["result"]["data_blocks"] == 1 and d["nbd_bytes_read"] == 64 * KiB, d
         assert d["result"]["base_point"] == point
         same_as_source(tmp_path / "replicas", disk_id, cyc.result["points"][disk_id], disk, tmp_path)
+
+
+HOLD = """
+import sys, time
+from standby.drivers.libvirt.driver import LibvirtDriver
+driver = LibvirtDriver(sys.argv[1], sys.argv[2])
+cycle = driver.begin_cycle(sys.argv[3], None)  # kept referenced: a collected one would end the job
+session = cycle.__enter__()
+print("holding", session.checkpoint, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_backup_job_left_by_a_killed_agent_is_aborted_at_the_next_start(
+        libvirtd: str, libvirt_conn: Any, guest_image: guest.GuestImage, vm_name: Any, vm_dir: Path,
+        pki: dict[str, tls.Identity], tmp_path: Path) -> None:
+    """An agent killed mid-cycle leaves libvirt's pull-mode backup job running; without the
+    sweep every later cycle of that VM fails on the domain's job lock."""
+    import libvirt
+
+    from standby.agent.config import AgentConfig
+    from standby.agent.runtime import AgentRuntime
+
+    name = vm_name("agt")
+    disk = guest.create_disk(vm_dir / f"{name}-vda.qcow2", 16)
+    dom = libvirt_conn.defineXML(guest.domain_xml(name, disk, vm_dir / f"{name}.log", guest_image,
+                                                  guest.cmdline("write", rate=5)))
+    try:
+        dom.create()
+        cfg = AgentConfig(data_dir=tmp_path / "a", name="agent-a", server_url="https://127.0.0.1:1", site="s",
+                          server="m", cloud="c", host="h", listen="127.0.0.1:7443", libvirt_uri=libvirtd,
+                          domains=["sbt-agt-*"])
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, libvirtd, str(cfg.tracking_dir), name],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline().startswith("holding")
+        holder.kill()  # as SIGKILL of the agent mid-cycle: nothing ends the job
+        holder.wait()
+        holder.stdout.close()
+        assert dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE
+
+        rt = AgentRuntime(cfg)  # not started: its libvirt side only
+        drv = rt.driver()  # first use: the sweep
+        try:
+            assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+            with running_agent(tmp_path / "replicas", pki["agent"]) as rx:
+                env = _env(tmp_path / "unused", cfg.state_dir, drv, pki["sender"])
+                out = execute(env, {"id": 1, "kind": "cycle",
+                                    "params": {"vm": name, "peer": {"name": "b", "address": endpoint(rx)}}})
+            assert out.ok, out
+            assert out.result["disks"][0]["kind"] == "seed"
+        finally:
+            drv.close()
+    finally:
+        try:
+            if dom.isActive():
+                dom.destroy()
+            for cp in dom.listAllCheckpoints():
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            dom.undefine()
+        except libvirt.libvirtError:
+            pass

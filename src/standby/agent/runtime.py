@@ -54,6 +54,36 @@ log = logging.getLogger("standby.agent")
 MAX_BACKOFF = 30.0
 
 
+def abort_stale_backups(driver: Any, owns: Callable[[str], bool]) -> list[str]:
+    """End the backup jobs an earlier agent process left on its running VMs (killed
+    mid-cycle: libvirt keeps a pull-mode backup job until someone aborts it, and every
+    later cycle of that VM then fails to get the domain's job lock). Only this agent starts
+    backup jobs on the domains it owns, and it holds its data dir's lock, so at its first
+    use of libvirt any such job is stale. Returns the VMs whose job was aborted."""
+    conn = getattr(driver, "conn", None)
+    if conn is None:
+        return []
+    import libvirt
+
+    aborted = []
+    try:
+        domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot list domains to look for stale backup jobs: %s", exc.get_error_message())
+        return []
+    for dom in domains:
+        try:
+            if not owns(dom.name()) or dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                continue
+            dom.backupGetXMLDesc(0)  # raises when the job is not a backup (a migration, a dump)
+            dom.abortJob()
+        except libvirt.libvirtError:
+            continue
+        log.warning("VM %s: aborted a backup job left by an earlier agent process (killed mid-cycle)", dom.name())
+        aborted.append(dom.name())
+    return aborted
+
+
 class ControlPlaneDown(RemoteError):
     """The control plane did not answer, or answered with a server error (5xx)."""
 
@@ -159,6 +189,8 @@ class AgentRuntime:
         self._driver_factory = driver_factory or self._libvirt_driver
         self._driver: Any = None
         self._driver_lock = threading.Lock()
+        self._swept = False
+        self._lock_fd: int | None = None
         self._stop = threading.Event()
         self._inventory_now = threading.Event()
         self._queue: queue.Queue[RunningTask | None] = queue.Queue()
@@ -196,6 +228,9 @@ class AgentRuntime:
                     self._driver = d = None
             if d is None:
                 d = self._driver = self._driver_factory()
+                if not self._swept:
+                    self._swept = True
+                    abort_stale_backups(d, self.cfg.owns)
             return d
 
     def start(self) -> AgentRuntime:
@@ -204,18 +239,23 @@ class AgentRuntime:
         from standby.replication.tls import Identity, client_context, server_context
 
         cfg = self.cfg
-        ident = Identity(cfg.cert_path, cfg.key_path, cfg.ca_path)
-        server_ctx = server_context(ident)
-        client_ctx = client_context(ident)
-        cfg.replicas_dir.mkdir(parents=True, exist_ok=True)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = ReplicaStore(cfg.replicas_dir)
+        self._take_lock()
         try:
-            self.receiver = Receiver(self.store, server_ctx, cfg.listen_host, cfg.listen_port)
-        except OSError as exc:
-            from standby.errors import BadInput
+            ident = Identity(cfg.cert_path, cfg.key_path, cfg.ca_path)
+            server_ctx = server_context(ident)
+            client_ctx = client_context(ident)
+            cfg.replicas_dir.mkdir(parents=True, exist_ok=True)
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            self.store = ReplicaStore(cfg.replicas_dir)
+            try:
+                self.receiver = Receiver(self.store, server_ctx, cfg.listen_host, cfg.listen_port)
+            except OSError as exc:
+                from standby.errors import BadInput
 
-            raise BadInput(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+                raise BadInput(f"cannot listen on {cfg.listen}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._release_lock()
+            raise
         self.receiver.start()
 
         def ctx() -> ssl.SSLContext:
@@ -233,6 +273,30 @@ class AgentRuntime:
         log.info("agent %s running: replication on %s:%d, replicas in %s, control plane %s", cfg.name,
                  self.receiver.address[0], self.receiver.address[1], cfg.replicas_dir, cfg.server_url)
         return self
+
+    def _take_lock(self) -> None:
+        """One agent process per data dir: two would run the same tasks and the stale-job
+        sweep of one would abort the other's cycles."""
+        import fcntl
+        import os
+
+        from standby.errors import Conflict
+
+        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.cfg.data_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(f"another agent process runs on {self.cfg.data_dir}") from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        import os
+
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def stop(self) -> None:
         log.info("agent %s stopping", self.cfg.name)
@@ -258,6 +322,7 @@ class AgentRuntime:
             if self._driver is not None and not left:  # a running task may still use it
                 self._driver.close()
                 self._driver = None
+        self._release_lock()
         log.info("agent %s stopped", self.cfg.name)
 
     def __enter__(self) -> AgentRuntime:
