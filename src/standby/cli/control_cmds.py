@@ -256,7 +256,9 @@ def styled(value: str | None, styles: dict[str, str]) -> str:
     return f"[{style}]{text}[/]" if style else text
 
 
-def _table(title: str | None, columns: list[str], rows: list[list[str]], **kw: Any) -> Table:
+def _table(title: str, columns: list[str], rows: list[list[str]], **kw: Any) -> Table | str:
+    if not rows:
+        return f"no {title}"  # an empty table says less than this
     t = Table(title=title, title_justify="left", **kw)
     for col in columns:
         t.add_column(col, overflow="fold")
@@ -265,7 +267,7 @@ def _table(title: str | None, columns: list[str], rows: list[list[str]], **kw: A
     return t
 
 
-def items_table(items: list[dict[str, Any]], now: dt.datetime | None = None) -> Table:
+def items_table(items: list[dict[str, Any]], now: dt.datetime | None = None) -> Table | str:
     rows = [[escape(str(i.get("vm", "?"))), escape(str(i.get("state", "-"))), styled(i.get("health"), _HEALTH_STYLE),
              escape(i.get("health_reason") or i.get("error") or ""), fmt_duration(i.get("rpo_seconds")),
              fmt_age(i.get("last_recovery_point_at"), now) if i.get("last_recovery_point_at") else "none",
@@ -479,7 +481,7 @@ def render_status(status: dict[str, Any], items: list[dict[str, Any]]) -> None:
 def items_cmd(c: Ctx) -> None:
     """Protected items with state, health, RPO, last recovery point and bytes replicated."""
     items = c.api.get("/items")["items"]
-    c.emit(items, lambda data: console.print(items_table(data)) if data else console.print("no protected items"))
+    c.emit(items, lambda data: console.print(items_table(data)))
 
 
 @api_command(top, "readiness")
@@ -579,7 +581,7 @@ _item_action("resync", "resynchronization started",
 jobs_app = typer.Typer(help="Jobs: every operation, with its steps.")
 
 
-def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+def jobs_table(jobs: list[dict[str, Any]]) -> Table | str:
     rows = [[str(j.get("id")), escape(str(j.get("kind", ""))), escape(str(j.get("target", ""))),
              styled(j.get("state"), _STATE_STYLE), f"{j.get('progress', 0)}%", fmt_time(j.get("created_at")),
              fmt_duration(_elapsed(j)), escape(j.get("error") or j.get("message") or "")] for j in jobs]
@@ -634,7 +636,7 @@ def jobs_list(c: Ctx, ctx: typer.Context,
     if state:
         params["state"] = [s.value for s in state]
     jobs = c.api.get("/jobs", params=params)["items"]
-    c.emit(jobs, lambda data: console.print(jobs_table(data)) if data else console.print("no jobs"))
+    c.emit(jobs, lambda data: console.print(jobs_table(data)))
 
 
 _JOB_ID = typer.Argument(..., min=1, help="The job's id.")
@@ -862,7 +864,7 @@ def policy_delete(c: Ctx, name: str = typer.Argument(..., help="The policy's nam
 # ---------------------------------------------------------------------------- pairings
 
 
-def pairings_table(pairings: list[dict[str, Any]]) -> Table:
+def pairings_table(pairings: list[dict[str, Any]]) -> Table | str:
     rows = [[str(p.get("id")), escape(str(p.get("primary_cloud"))), escape(str(p.get("secondary_cloud"))),
              escape(", ".join(p.get("policies") or [])) or "-", fmt_time(p.get("created_at"))] for p in pairings]
     return _table("cloud pairings", ["id", "primary cloud", "secondary cloud", "policies", "created"], rows)
@@ -881,7 +883,7 @@ def pair_cmd(c: Ctx, primary: str = typer.Argument(..., metavar="PRIMARY_CLOUD",
 def pairings_cmd(c: Ctx) -> None:
     """Cloud pairings and their policies."""
     c.emit(c.api.get("/pairings")["items"],
-           lambda data: console.print(pairings_table(data)) if data else console.print("no pairings"))
+           lambda data: console.print(pairings_table(data)))
 
 
 @api_command(top, "unpair")
@@ -915,7 +917,7 @@ def network_list(c: Ctx) -> None:
         to = {m.get("primary"): m.get("secondary") for m in mappings}
         rows = [[escape(str(n.get("name"))), escape(str(n.get("site") or "-")), escape(str(to.get(n.get("name"), "-")))]
                 for n in networks]
-        console.print(_table("VM networks", ["network", "site", "maps to"], rows) if rows else "no networks")
+        console.print(_table("VM networks", ["network", "site", "maps to"], rows))
 
     c.emit({"networks": networks, "mappings": mappings}, render)
 
@@ -1001,7 +1003,7 @@ def agents_list(c: Ctx, ctx: typer.Context) -> None:
                  ("[green]" if a.get("heartbeat_ok") else "[yellow]") + fmt_age(a.get("last_heartbeat_at")) + "[/]",
                  fmt_time(a.get("cert_not_after"))] for a in data]
         console.print(_table("agents", ["agent", "host", "address", "version", "state", "heartbeat",
-                                        "certificate until"], rows) if rows else "no agents registered")
+                                        "certificate until"], rows))
 
     c.emit(agents, render)
 
@@ -1027,7 +1029,8 @@ def keys_create(c: Ctx, days: int = typer.Option(5, "--days", min=1, max=5, help
         console.print(k["key"], highlight=False, soft_wrap=True, markup=False)
         err_console.print(f"registration key {k.get('id')} (prefix {k.get('prefix')}), valid until "
                           f"{fmt_time(k.get('expires_at'))}; it is shown only now: "
-                          "pass it to `standby agent register` on the host", highlight=False)
+                          "register an agent with it: standby agent register --key-file FILE ...", highlight=False,
+                          soft_wrap=True)
 
     c.emit(k, render)
 
@@ -1040,8 +1043,7 @@ def keys_list(c: Ctx) -> None:
              fmt_time(k.get("created_at")), fmt_time(k.get("expires_at")),
              "[red]revoked[/]" if k.get("revoked_at") else "active", str(k.get("use_count", 0))] for k in keys]
     c.emit(keys, lambda _: console.print(_table("registration keys", ["id", "prefix", "description", "created",
-                                                                      "expires", "state", "uses"], rows)
-                                         if rows else "no registration keys"))
+                                                                      "expires", "state", "uses"], rows)))
 
 
 @api_command(keys_app, "revoke")
@@ -1069,7 +1071,7 @@ def tokens_create(c: Ctx, name: str = typer.Argument(..., help="Who or what the 
     def render(t: dict[str, Any]) -> None:
         console.print(t["token"], highlight=False, soft_wrap=True, markup=False)
         err_console.print(f"token {t.get('name')} ({t.get('role')}) is shown only now; use it as STANDBY_TOKEN "
-                          "or put it in the file STANDBY_TOKEN_FILE names", highlight=False)
+                          "or put it in the file STANDBY_TOKEN_FILE names", highlight=False, soft_wrap=True)
 
     c.emit(t, render)
 
@@ -1136,7 +1138,7 @@ def webhooks_list(c: Ctx) -> None:
              escape(", ".join(w.get("kinds") or [])) or "every kind", escape(str(w.get("min_severity"))),
              "yes" if w.get("enabled", True) else "no"] for w in hooks]
     c.emit(hooks, lambda _: console.print(_table("webhooks", ["name", "URL", "signed", "kinds", "min severity",
-                                                              "enabled"], rows) if rows else "no webhooks"))
+                                                              "enabled"], rows)))
 
 
 @api_command(webhooks_app, "remove")
