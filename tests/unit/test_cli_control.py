@@ -6,6 +6,7 @@ End-to-end runs against the real control plane are in tests/api/test_cli_e2e.py.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import socket
 import threading
@@ -20,6 +21,7 @@ from rich.console import Console
 from standby.cli import control_cmds as cc
 from standby.cli import server_cmds
 from standby.cli.main import run
+from standby.client import ApiClient
 from standby.errors import Refused, RemoteError
 
 
@@ -483,3 +485,32 @@ def test_unauthorized_and_forbidden_say_what_to_do(capsys: pytest.CaptureFixture
     assert rc == 1 and "set STANDBY_TOKEN" in err
     rc, _out, err = invoke(capsys, "policy", "delete", "gold", "--url", url, "--token", "ro")
     assert rc == 1 and "this token's role is viewer" in err
+
+
+def test_on_a_terminal_each_step_gets_a_bar(scripted: tuple[Scripted, str]) -> None:
+    script, url = scripted
+    script.routes[("GET", "/jobs/7")] = _progressing_job()
+    buf = io.StringIO()
+    out = Console(file=buf, force_terminal=True, width=140)
+    with ApiClient(url) as api:
+        job = cc.follow_job(api, _job("queued", [(n, "pending") for n in STEPS]), out=out)
+    assert job["state"] == "succeeded"
+    text = buf.getvalue()
+    assert "\x1b[" in text  # drawn live, with terminal control codes
+    for name in STEPS:
+        assert name in text
+    assert "100%" in text and "succeeded" in text
+
+
+def test_jobs_watch_exit_codes_and_timeout(capsys: pytest.CaptureFixture[str], scripted: tuple[Scripted, str]) -> None:
+    script, url = scripted
+    script.routes[("GET", "/jobs/7")] = _progressing_job("failed", "the agent refused")
+    rc, out, err = invoke(capsys, "jobs", "watch", "7", "--url", url)
+    assert rc == 1
+    assert "step place replica: succeeded" in err and "job 7 (protect) failed: the agent refused" in err
+    assert "failed" in out  # the job as it ended
+    script.hits.clear()
+    script.routes[("GET", "/jobs/7")] = (200, _job("running", [("check readiness", "running")]))
+    rc, _out, err = invoke(capsys, "jobs", "watch", "7", "--timeout", "1", "--url", url)
+    assert rc == 5
+    assert "job 7 has not ended after 1 s" in err and "standby jobs watch 7" in err
