@@ -20,7 +20,7 @@ from standby.orchestration.settings import ServerSettings
 from standby.store import Store
 from standby.store.models import Job
 from standby.store.repo import alerts, inventory, jobs
-from standby.store.states import JobState, StepState
+from standby.store.states import JobState
 
 TIMEOUT = 30.0
 

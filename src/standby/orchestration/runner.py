@@ -130,18 +130,29 @@ class StepContext:
             raise JobCancelled()
 
     def wait_until(self, predicate: Callable[[Session], T | None], timeout: float, poll: float = 1.0,
-                   what: str = "the condition") -> T:
+                   what: str = "the condition", on_poll: Callable[[], None] | None = None) -> T:
         """Poll `predicate(session)` (a read session) until it returns a truthy value, which
         is returned. Stops early on a cancel request or a stopping runner; `WaitTimeout`
         (a failure) after `timeout` seconds. A predicate may raise `StandbyError` to fail
-        the job (what it waited for went wrong)."""
+        the job (what it waited for went wrong). `on_poll()` runs after each unsuccessful
+        poll, outside the read session (a place to `report` what the wait is on). Return
+        plain values, not ORM objects: the read session expires its objects when it ends."""
         deadline = time.monotonic() + timeout
         while True:
             self.check()
-            with self.store.read() as s:
-                value = predicate(s)
+            try:
+                with self.store.read() as s:
+                    value = predicate(s)
+            except StandbyError:
+                # What went wrong may be the operator's cancel itself (disabling protection
+                # cancels the item's jobs in the same transaction): that is a cancel.
+                if self.cancel_requested():
+                    raise JobCancelled() from None
+                raise
             if value:
                 return value
+            if on_poll is not None:
+                on_poll()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(f"gave up waiting for {what} after {timeout:g} s")
