@@ -46,6 +46,7 @@ from standby.readiness import engine
 from standby.readiness.common import cloud_subject, host_subject, server_subject, vm_subject
 from standby.readiness.engine import Finding, Severity
 from standby.errors import NotFound
+from standby.orchestration.settings import ServerSettings
 from standby.store.models import Agent, Cloud, CloudPairing, Host, Network, NetworkMapping, Server, Site, Vm
 from standby.store.repo._common import now_or
 
@@ -373,9 +374,18 @@ def live_readiness(
     return engine.Report(report.profiles, report.rules_run, ordered)
 
 
+def live_readiness_for(session: Session, settings: ServerSettings, *, vm: Vm | int | None = None,
+                       now: datetime | None = None) -> ReadinessReport:
+    """`live_readiness` with a running control plane's settings (heartbeat timeout, the
+    listener as the control plane's endpoint): what `GET /readiness` and protection use."""
+    return live_readiness(session, vm=vm, heartbeat_timeout=timedelta(seconds=settings.heartbeat_timeout),
+                          endpoint=f"https://{settings.listen}", now=now)
+
+
 def findings_as_dicts(report: ReadinessReport) -> list[dict[str, str]]:
     """`{rule, severity, subject, message, remedy}` per finding (the API's shape)."""
     return [f.as_dict() for f in report.findings]
 
 
-__all__ = ["LiveFabric", "ReadinessReport", "build_live_fabric", "fabric_name", "findings_as_dicts", "live_readiness"]
+__all__ = ["LiveFabric", "ReadinessReport", "build_live_fabric", "fabric_name", "findings_as_dicts", "live_readiness",
+           "live_readiness_for"]

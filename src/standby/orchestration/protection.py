@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from standby.domain import lifecycle
 from standby.domain.lifecycle import Event, ItemContext, State
 from standby.errors import BadInput, NotFound, Refused, RemoteError
-from standby.orchestration.livefabric import live_readiness
+from standby.orchestration.livefabric import live_readiness_for
 from standby.orchestration.replicate import disk_id_for
 from standby.orchestration.runner import JobHandler, JobRunner, Step, StepContext
 from standby.orchestration.settings import ServerSettings
@@ -135,8 +135,7 @@ def _choose_policy(session: Session, pairing: CloudPairing, policy: str | None) 
 
 
 def _readiness(session: Session, settings: ServerSettings, vm: Vm) -> Report:
-    return live_readiness(session, vm=vm, heartbeat_timeout=timedelta(seconds=settings.heartbeat_timeout),
-                          endpoint=f"https://{settings.listen}")
+    return live_readiness_for(session, settings, vm=vm)
 
 
 def refuse_unless_ready(report: Report, vm: str) -> None:
