@@ -1,50 +1,62 @@
 """`standby demo`: the README's main job.
 
-For now it checks the shipped example fabrics: one ready deployment and one blocked
-deployment with a remedy per finding. Later stages grow it into the full two-site
-demo (protect, replicate, fail over, fail back)."""
+Builds the "single management server with two clouds" deployment on this machine (a
+control plane, two agents, two test guests writing records), protects the guests and
+shows replication health; see `standby.demo.run` for the stages."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from standby.cli.readiness_cmds import render_report
 from standby.errors import BadInput
-from standby.fabric_file import load_fabric
-from standby.readiness.engine import check
 
-console = Console()
+console = Console(stderr=False)
 
 # The repository's examples/ (the package is installed editable from the checkout).
 DEFAULT_EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
-DEMO_FABRICS = ("single-server-two-clouds.yaml", "kvm-two-sites.yaml", "hyperv-vmm.yaml")
+DEFAULT_WORKDIR = Path("/var/tmp/standby-demo")
 
 
 def demo_cmd(
     examples: Path = typer.Option(DEFAULT_EXAMPLES, "--examples", help="Folder holding the example fabrics."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the results."),
+    workdir: Path = typer.Option(DEFAULT_WORKDIR, "--workdir",
+                                 help="Where the demo keeps its VMs, control plane and agents (emptied first)."),
+    cycles: int = typer.Option(2, "--cycles", min=1, max=20, help="Delta cycles to wait for per VM."),
+    keep: bool = typer.Option(False, "--keep", help="Leave the control plane, agents and guests running."),
+    as_json: bool = typer.Option(False, "--json", help="End with one JSON object of the figures."),
 ) -> None:
-    """Run the demo: readiness of the example deployments (ready and blocked)."""
-    results: dict[str, object] = {}
-    for name in DEMO_FABRICS:
-        path = examples / name
-        if not path.is_file():
-            raise BadInput(f"--examples: {path} not found (run from a checkout, or pass --examples DIR)")
-        report = check(load_fabric(path))
-        results[name] = report.as_dict()
-        if not as_json:
-            console.rule(f"[bold]{name}")
-            render_report(report, str(path), console)
+    """Run the demo: two sites on this machine, protect two guests, replicate, show health."""
+    from standby.demo.run import Demo
+
+    for name in ("single-server-two-clouds.yaml", "kvm-two-sites.yaml", "hyperv-vmm.yaml"):
+        if not (examples / name).is_file():
+            raise BadInput(f"--examples: {examples / name} not found (run from a checkout, or pass --examples DIR)")
+    # Progress lines go to stderr under --json, so stdout holds exactly the JSON object.
+    out = Console(stderr=True) if as_json else console
+    demo = Demo(workdir, examples=examples, cycles=cycles, say=lambda m: out.print(m, highlight=False))
+    try:
+        result = demo.run()
+    finally:
+        demo.close(keep=keep)
     if as_json:
-        print(json.dumps({"readiness": results}, indent=2))
-    else:
-        ready = [n for n, r in results.items() if r["ready"]]  # type: ignore[index]
-        console.rule("[bold]summary")
-        console.print(f"{len(ready)} of {len(results)} example deployments are ready: {', '.join(ready)}")
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+        return
+    from standby.cli.control_cmds import items_table
+
+    console.print(items_table(result.items))
+    f = result.figures
+    console.rule("[bold]summary")
+    console.print(f"initial replication: {f['initial_replication_bytes'] / 1e6:.1f} MB in "
+                  f"{f['initial_replication_seconds']} s; worst RPO {f['rpo_seconds_max']} s; "
+                  f"{f['bytes_replicated'] / 1e6:.1f} MB replicated in all")
+    if keep:
+        console.print(f"left running: control plane {result.url}, work dir {result.workdir}")
+    sys.stdout.flush()
 
 
 def register(app: typer.Typer) -> None:
