@@ -13,6 +13,7 @@ cycle while it runs there.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -243,6 +244,11 @@ class Run:
     log: list[Action] = field(default_factory=list)
 
 
+def persist(s: RunState) -> RunState:
+    """What a restarted control plane reads back from the job's rows."""
+    return RunState.from_json(json.loads(json.dumps(s.to_json())))
+
+
 def run(sc: Scenario, faults: Faults | None = None, *, world: World | None = None,
         rs: RunState | None = None, limit: int = 200) -> Run:
     """The orchestration's runner loop against the model; a kill drops the process (the
@@ -266,7 +272,7 @@ def run(sc: Scenario, faults: Faults | None = None, *, world: World | None = Non
         if a.kind is ActionKind.SKIP:
             s = finish(s, a)
             continue
-        s = begin(s, a)
+        s = persist(begin(s, a))
         if (n, "before") in f.kills:
             continue
         try:
@@ -275,12 +281,12 @@ def run(sc: Scenario, faults: Faults | None = None, *, world: World | None = Non
                 raise OpFailed("injected")
             w.perform(a.op, a.site, where)
         except OpFailed as e:
-            s = fail(s, a, str(e))
+            s = persist(fail(s, a, str(e)))
             continue
         if (n, "after") in f.kills:
             continue
         w.record(a.events, where)      # with the step's "done", in one transaction
-        s = finish(s, a)
+        s = persist(finish(s, a))
 
 
 def _copy(w: World) -> World:
@@ -573,3 +579,16 @@ def test_describe_lists_every_step_with_its_policy() -> None:
     assert text.splitlines()[0] == "unplanned_failover (primary -> secondary)"
     assert " 2. try to shut down the source VM [primary]  (optional; undo: start the source VM if it answers)" in text
     assert "records failover_completed" in text
+
+
+def test_a_persisted_run_state_round_trips_and_a_foreign_one_is_refused() -> None:
+    wf = workflow(Kind.TEST_FAILOVER, FailoverOptions(network=TestNetwork.EXISTING, network_name="lab", notes="n"))
+    s = RunState.start(wf)
+    a = next_action(s)
+    assert isinstance(a, Action)
+    s = request_cancel(fail(begin(s, a), a, "boom"))
+    d = json.loads(json.dumps(s.to_json()))
+    assert RunState.from_json(d) == s
+    d["steps"] = d["steps"][:-1]
+    with pytest.raises(BadInput, match="not this version's"):
+        RunState.from_json(d)

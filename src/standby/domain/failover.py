@@ -15,6 +15,7 @@ runner loop is:
         except StandbyError as e: s = fail(s, a, str(e)); persist(s); continue
         s = finish(s, a); persist(s, record=a.events)  # one transaction: step done + events
 
+(`RunState.to_json()` is what the job's rows hold, `RunState.from_json()` reads them back.)
 A control-plane kill leaves at most one step `running` (or `undoing`). `next_action` on
 the persisted state decides, with no memory of the process that died:
 
@@ -52,6 +53,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 from standby.domain.lifecycle import Event, ItemContext, Site, State, transition
 from standby.domain.recovery_points import PointChoice, parse_choice
@@ -519,6 +521,29 @@ class RunState:
 
     def record(self, name: str) -> StepRecord:
         return self.records[self.workflow.index(name)]
+
+    def to_json(self) -> dict[str, Any]:
+        """What a job persists: the workflow's kind and options, and one row per step."""
+        o = self.workflow.options
+        return {"kind": self.workflow.kind.value, "cancel_requested": self.cancel_requested,
+                "options": {"point": o.point, "shutdown_and_sync": o.shutdown_and_sync, "network": o.network.value,
+                            "network_name": o.network_name, "notes": o.notes},
+                "steps": [{"name": st.name, "status": r.status.value, "attempts": r.attempts, "done": r.done,
+                           "error": r.error, "undo_error": r.undo_error}
+                          for st, r in zip(self.workflow.steps, self.records, strict=True)]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RunState:
+        """The persisted state back; the steps must be those this version defines for the
+        kind and options (a job persisted by another version is refused, not guessed at)."""
+        wf = workflow(d["kind"], FailoverOptions(**d["options"]))
+        rows = list(d["steps"])
+        if [r["name"] for r in rows] != [st.name for st in wf.steps]:
+            raise BadInput(f"{wf.kind}: the persisted steps are not this version's "
+                           f"({', '.join(r['name'] for r in rows)})")
+        recs = tuple(StepRecord(Status(r["status"]), int(r["attempts"]), bool(r["done"]), r.get("error"),
+                                r.get("undo_error")) for r in rows)
+        return cls(wf, recs, bool(d.get("cancel_requested")))
 
 
 class ActionKind(StrEnum):
