@@ -376,12 +376,58 @@ def test_replicate_now_waits_for_the_cycle(store: Store, runner: JobRunner, sche
     assert done.state == "failed" and done.error == "the replication cycle failed: peer unreachable"
 
 
+def test_replicate_now_does_not_count_a_cycle_already_running(store: Store, runner: JobRunner,
+                                                              scheduler: Scheduler) -> None:
+    build(store, now=utcnow())
+    item_id = protect(store, runner, scheduler)
+    with store.transaction() as s:
+        items.schedule(s, item_id, utcnow())
+    tick_until_cycle(scheduler, store, item_id)
+    with store.read() as s:
+        running = tasks.open_task_for_item(s, item_id, "cycle").id  # type: ignore[union-attr]
+    _, job_id = protection.replicate_now(store, runner, item=item_id)
+    wait_for(lambda: job(store, job_id).steps[1].state == "running", "the wait step")
+    first = agent_answers(store, scheduler, "kvm-a", "cycle", result=cycle_result)
+    assert first.id == running
+    # That cycle's point predates the request: another cycle is asked for at once.
+    tick_until_cycle(scheduler, store, item_id)
+    second = agent_answers(store, scheduler, "kvm-a", "cycle", result=cycle_result)
+    done = job_ended(store, job_id)
+    assert done.state == "succeeded" and done.result["task_id"] == second.id != running
+
+
+def test_replicate_now_fails_when_no_cycle_can_start(store: Store, runner: JobRunner,
+                                                     scheduler: Scheduler) -> None:
+    build(store, now=utcnow())
+    item_id = protect(store, runner, scheduler)
+    with store.transaction() as s:
+        agents.revoke_agent(s, "agent-kvm-a")
+    _, job_id = protection.replicate_now(store, runner, item=item_id)
+    wait_for(lambda: job(store, job_id).steps[1].state == "running", "the wait step")
+
+    def ended_after_tick() -> SimpleNamespace | None:
+        scheduler.tick()
+        j = job(store, job_id)
+        return j if j.state != "running" else None
+
+    done = wait_for(ended_after_tick, "the job to fail")
+    assert done.state == "failed"
+    assert done.error == "replication cycle not started: no active agent is registered on host kvm-a"
+
+
 def test_resync_forces_a_hash_scan_and_ends_protected(store: Store, runner: JobRunner,
                                                      scheduler: Scheduler) -> None:
     build(store, now=utcnow())
     item_id = protect(store, runner, scheduler)
+    with store.transaction() as s:
+        items.schedule(s, item_id, utcnow())
+    tick_until_cycle(scheduler, store, item_id)  # an ordinary cycle is queued when the resync is asked for
+    with store.read() as s:
+        ordinary = tasks.open_task_for_item(s, item_id, "cycle").id  # type: ignore[union-attr]
     _, job_id = protection.resync(store, runner, item="web01")
     wait_for(lambda: item(store, item_id).state == "resynchronizing", "resynchronizing")
+    with store.read() as s:
+        assert tasks.get(s, ordinary).state == "cancelled"  # its success would not be a resync
     tick_until_cycle(scheduler, store, item_id)
     with store.read() as s:
         assert tasks.open_task_for_item(s, item_id, "cycle").params["force_hash_scan"] is True  # type: ignore[union-attr]

@@ -58,6 +58,7 @@ FIRST_POINT_TIMEOUT = 6 * 3600.0  # a first full copy of large disks takes hours
 RESYNC_TIMEOUT = 6 * 3600.0
 SEED_TASK_DEADLINE = 24 * 3600.0  # exporting or importing a seed of large disks
 OPEN_TASK_STATES = ("queued", "claimed")
+NOT_STARTED = "replication cycle not started"  # the scheduler's prefix when it cannot dispatch
 
 
 # ---------------------------------------------------------------- lookups
@@ -550,6 +551,8 @@ def _replicate_now_step(ctx: StepContext) -> None:
     with ctx.store.transaction() as s:
         item = items.get(s, _item_id(ctx), lock=True)
         _check_replicating(item)
+        if item.error and item.error.startswith(NOT_STARTED):
+            item.error = None  # a fresh attempt: the scheduler says again if it still cannot start one
         if tasks.open_task_for_item(s, item.id, "cycle") is None:
             items.schedule(s, item.id, _now())
     ctx.report(100, "cycle requested")
@@ -561,24 +564,38 @@ def _cycle_after(s: Session, item_id: int, since: datetime) -> AgentTask | None:
 
 
 def _wait_cycle_step(ctx: StepContext) -> None:
+    """Wait for a cycle that started after the request (a cycle already running then
+    carries an older point: once it ends, this request gets a cycle of its own)."""
     item_id = _item_id(ctx)
     since = datetime.fromisoformat(str(ctx.payload["requested_at"]))
 
     def finished(s: Session) -> dict[str, Any] | None:
-        # The first cycle that started after the request is the one that answers it.
         task = _cycle_after(s, item_id, since)
-        if task is None or task.is_open:
-            item = items.get(s, item_id)
-            if not lifecycle.is_replicating(State(item.state)):
-                raise Refused(f"VM {item.vm.name} stopped replicating ({item.state}) before the cycle ran")
-            return None
-        if task.state != "succeeded":
-            raise RemoteError(f"the replication cycle {task.state}: {task.error or 'no reason given'}")
-        # Plain values: the read session's objects expire when it ends.
-        return {"task_id": task.id, "bytes_sent": (task.result or {}).get("bytes_sent")}
+        if task is not None and not task.is_open:
+            if task.state != "succeeded":
+                raise RemoteError(f"the replication cycle {task.state}: {task.error or 'no reason given'}")
+            # Plain values: the read session's objects expire when it ends.
+            return {"task_id": task.id, "bytes_sent": (task.result or {}).get("bytes_sent")}
+        item = items.get(s, item_id)
+        if not lifecycle.is_replicating(State(item.state)):
+            raise Refused(f"VM {item.vm.name} stopped replicating ({item.state}) before the cycle ran")
+        if task is None and item.error and item.error.startswith(NOT_STARTED) and item.updated_at >= since:
+            raise RemoteError(item.error)  # the scheduler could not start it (an agent missing ...)
+        if (task is None and tasks.open_task_for_item(s, item_id, "cycle") is None
+                and (item.next_cycle_at is None or item.next_cycle_at > _now())):
+            return {"reschedule": True}
+        return None
 
-    ctx.result.update(ctx.wait_until(finished, timeout=ctx.settings.task_deadline_seconds + 60,
-                                     poll=ctx.settings.tick_seconds, what="the replication cycle"))
+    timeout = ctx.settings.task_deadline_seconds + 60
+    while True:
+        outcome = ctx.wait_until(finished, timeout=timeout, poll=ctx.settings.tick_seconds,
+                                 what="the replication cycle")
+        if not outcome.get("reschedule"):
+            ctx.result.update(outcome)
+            return
+        with ctx.store.transaction() as s:
+            if tasks.open_task_for_item(s, item_id, "cycle") is None:
+                items.schedule(s, item_id, _now())
 
 
 def _resync_step(ctx: StepContext) -> None:
@@ -587,6 +604,11 @@ def _resync_step(ctx: StepContext) -> None:
         if State(item.state) is not State.RESYNCHRONIZING:
             _transition(s, item.id, Event.RESYNC_STARTED)
         items.update_details(s, item.id, force_hash_scan=True, resync_requested_by_job=ctx.job_id)
+        # A cycle already under way is not a hash scan: its success must not count as the
+        # resynchronization. Stop it; the next cycle scans.
+        for task in tasks.list_tasks(s, item_id=item.id, kind="cycle", states=OPEN_TASK_STATES):
+            if not task.params.get("force_hash_scan"):
+                tasks.cancel(s, task.id)
         if tasks.open_task_for_item(s, item.id, "cycle") is None:
             items.schedule(s, item.id, _now())
 
