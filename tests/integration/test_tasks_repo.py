@@ -227,3 +227,24 @@ def test_migration_0002_over_a_populated_0001_store(empty_store_url: str) -> Non
             s.add(Policy(name="bad", copy_frequency_seconds=60))
     finally:
         store.close()
+
+
+def test_enqueue_many_queues_all_with_one_deadline_or_none(store: Store) -> None:
+    a, b = _agents(store)
+    with store.transaction() as s:
+        made = tasks.enqueue_many(
+            s,
+            [tasks.NewTask(agent_id=a, kind="cycle", params={"i": 1}, item_id=None),
+             tasks.NewTask(agent_id=b, kind="prune", params={"i": 2})],
+            deadline_seconds=30,
+            now=at(0),
+        )
+        assert [t.kind for t in made] == ["cycle", "prune"] and all(t.deadline_at == at(30) for t in made)
+        assert tasks.enqueue_many(s, [], deadline_seconds=30) == []
+    with pytest.raises(BadInput), store.transaction() as s:
+        tasks.enqueue_many(
+            s, [tasks.NewTask(agent_id=a, kind="ok", params={}), tasks.NewTask(agent_id=a, kind="BAD", params={})],
+            deadline_seconds=30,
+        )
+    with store.read() as s:
+        assert len(tasks.list_tasks(s)) == 2  # the refused batch left nothing

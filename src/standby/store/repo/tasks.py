@@ -14,7 +14,8 @@ queued -> cancelled. Finished states are final.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,27 +43,56 @@ def enqueue(
     now: datetime | None = None,
 ) -> AgentTask:
     """Queue a task for an agent; it expires unless finished within `deadline_seconds`."""
-    if not _KIND.match(kind):
-        raise BadInput(f"task kind {kind!r} is not a lower-case identifier of up to 40 characters")
+    (task,) = enqueue_many(
+        session,
+        [NewTask(agent_id=agent_id, kind=kind, params=params, item_id=item_id, job_id=job_id)],
+        deadline_seconds=deadline_seconds,
+        now=now,
+    )
+    return task
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """One task for `enqueue_many`."""
+
+    agent_id: int
+    kind: str
+    params: dict[str, Any]
+    item_id: int | None = None
+    job_id: int | None = None
+
+
+def enqueue_many(
+    session: Session, new: Sequence[NewTask], *, deadline_seconds: float, now: datetime | None = None
+) -> list[AgentTask]:
+    """`enqueue` for many tasks with one flush (the scheduler queues hundreds a tick)."""
     if not deadline_seconds > 0:
         raise BadInput(f"a task's deadline must be in the future, not {deadline_seconds!r} s away")
     now = now_or(now)
-    task = AgentTask(
-        agent_id=agent_id,
-        kind=kind,
-        params=dict(params),
-        state="queued",
-        attempt=0,
-        progress=0,
-        message="",
-        item_id=item_id,
-        job_id=job_id,
-        created_at=now,
-        deadline_at=now + timedelta(seconds=deadline_seconds),
-    )
-    session.add(task)
+    deadline = now + timedelta(seconds=deadline_seconds)
+    rows = []
+    for t in new:
+        if not _KIND.match(t.kind):
+            raise BadInput(f"task kind {t.kind!r} is not a lower-case identifier of up to 40 characters")
+        rows.append(
+            AgentTask(
+                agent_id=t.agent_id,
+                kind=t.kind,
+                params=dict(t.params),
+                state="queued",
+                attempt=0,
+                progress=0,
+                message="",
+                item_id=t.item_id,
+                job_id=t.job_id,
+                created_at=now,
+                deadline_at=deadline,
+            )
+        )
+    session.add_all(rows)
     session.flush()
-    return task
+    return rows
 
 
 def get(session: Session, task_id: int, *, lock: bool = False) -> AgentTask:

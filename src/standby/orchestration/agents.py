@@ -1,0 +1,156 @@
+"""What the control plane does when an agent reports in: heartbeats and inventory.
+
+Registration (`orchestration.registration.register`) stores the agent's place in the
+fabric in `agent.facts` (`site`, `server`, `cloud`, `host_group`); these functions read
+it from there and never let a report overwrite it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from standby.errors import BadInput, Refused
+from standby.store.models import Agent, Host, Vm, cloud_hosts
+from standby.store.repo import alerts, inventory
+from standby.store.repo._common import now_or
+from standby.store.repo.inventory import HostReport, SyncResult, VmReport
+
+HEARTBEAT_LOST = "heartbeat_lost"
+# Keys registration owns in agent.facts; reports land beside them, never over them.
+REGISTRATION_FACTS = ("site", "server", "cloud", "host_group")
+
+
+def agent_subject(name: str) -> str:
+    return f"agent:{name}"
+
+
+def heartbeat(
+    session: Session,
+    agent: Agent,
+    *,
+    version: str,
+    storage_free_bytes: int | None,
+    storage_total_bytes: int | None,
+    facts: Mapping[str, Any] | None,
+    now: datetime | None = None,
+) -> Agent:
+    """Record a heartbeat: the agent is alive (its heartbeat_lost alert, if any, clears),
+    its version, its replica storage and whatever else it reports (`facts["reported"]`)."""
+    if agent.state != "active":
+        raise Refused(f"agent {agent.name!r} is {agent.state}: register it again")
+    for label, value in (("storage_free_bytes", storage_free_bytes), ("storage_total_bytes", storage_total_bytes)):
+        if value is not None and value < 0:
+            raise BadInput(f"{label} cannot be negative")
+    if storage_free_bytes is not None and storage_total_bytes is not None and storage_free_bytes > storage_total_bytes:
+        raise BadInput("storage_free_bytes cannot exceed storage_total_bytes")
+    now = now_or(now)
+    agent.last_heartbeat_at = now
+    agent.version = version
+    kept = {k: agent.facts[k] for k in REGISTRATION_FACTS if k in (agent.facts or {})}
+    agent.facts = {
+        **(agent.facts or {}),
+        "reported": dict(facts or {}),
+        "storage_free_bytes": storage_free_bytes,
+        "storage_total_bytes": storage_total_bytes,
+        **kept,
+    }
+    # Replica placement picks the host with the most free storage: keep it current.
+    if storage_free_bytes is not None:
+        host = session.scalars(select(Host).where(Host.name == agent.host_name)).one_or_none()
+        if host is not None:
+            host.storage_free_bytes = storage_free_bytes
+    alerts.clear_alert(session, kind=HEARTBEAT_LOST, subject=agent_subject(agent.name), now=now)
+    session.flush()
+    return agent
+
+
+def storage_free_fraction(agent: Agent) -> float | None:
+    """The free fraction of the agent's replica storage, from its last heartbeat."""
+    facts = agent.facts or {}
+    free, total = facts.get("storage_free_bytes"), facts.get("storage_total_bytes")
+    if not isinstance(free, int) or not isinstance(total, int) or total <= 0:
+        return None
+    return max(0.0, min(1.0, free / total))
+
+
+def _vm_report(raw: Mapping[str, Any]) -> VmReport:
+    return VmReport(
+        name=str(raw["name"]),
+        uuid=raw.get("uuid"),
+        power_state=raw.get("power_state"),
+        disks=dict(raw.get("disks") or {}),
+        nics=list(raw.get("nics") or []),
+    )
+
+
+def _host_report(raw: Mapping[str, Any]) -> HostReport:
+    try:
+        return HostReport(
+            name=str(raw["name"]),
+            platform=str(raw.get("platform") or "kvm"),
+            host_group=raw.get("host_group"),
+            replication_address=raw.get("replication_address"),
+            storage_free_bytes=raw.get("storage_free_bytes"),
+            facts=dict(raw.get("facts") or {}),
+            vms=[_vm_report(v) for v in raw.get("vms") or []],
+        )
+    except KeyError as e:
+        raise BadInput(f"inventory entry without {e.args[0]!r}") from None
+
+
+def _report_from_store(session: Session, host: Host) -> HostReport:
+    """A member host as the store knows it, to keep it in the cloud unchanged. VMs already
+    missing are left out, so they stay missing (not reported present again)."""
+    vms = session.scalars(select(Vm).where(Vm.host_id == host.id, Vm.missing_since.is_(None)).order_by(Vm.name))
+    return HostReport(
+        name=host.name,
+        platform=host.platform,
+        host_group=host.host_group,
+        replication_address=host.replication_address,
+        storage_free_bytes=host.storage_free_bytes,
+        facts=dict(host.facts or {}),
+        vms=[VmReport(name=v.name, uuid=v.uuid, power_state=v.power_state, disks=dict(v.disks), nics=list(v.nics))
+             for v in vms],
+    )
+
+
+def sync_inventory(
+    session: Session, agent: Agent, hosts_payload: Sequence[Mapping[str, Any]], *, now: datetime | None = None
+) -> SyncResult:
+    """Sync what the agent's discovery reports into the agent's cloud.
+
+    `inventory.sync_cloud` makes a cloud exactly the hosts it is given; with one agent
+    per host, each agent reports only its own host. So hosts of the cloud that another
+    active agent runs on (and this report does not name) are passed along as the store
+    has them: one agent's report never drops its neighbours."""
+    cloud_name = (agent.facts or {}).get("cloud")
+    if not isinstance(cloud_name, str) or not cloud_name:
+        raise Refused(f"agent {agent.name!r} has no cloud on record: register it again")
+    reports = [_host_report(h) for h in hosts_payload]
+    reported = {r.name for r in reports}
+    cloud = inventory.get_cloud(session, cloud_name)
+    other_agent_hosts = set(
+        session.scalars(
+            select(Agent.host_name).where(Agent.state == "active", Agent.kind == "agent", Agent.id != agent.id)
+        )
+    )
+    members = session.scalars(
+        select(Host).join(cloud_hosts, cloud_hosts.c.host_id == Host.id).where(cloud_hosts.c.cloud_id == cloud.id)
+    )
+    kept = [
+        _report_from_store(session, h)
+        for h in members
+        if h.name not in reported and h.name in other_agent_hosts
+    ]
+    result = inventory.sync_cloud(session, cloud_name, [*reports, *kept], now=now)
+    # Neighbours kept as they were are not news to this agent.
+    kept_names = {h.name for h in kept}
+    result.hosts_updated = [n for n in result.hosts_updated if n not in kept_names]
+    result.vms_updated = [v for v in result.vms_updated if v.split("/", 1)[0] not in kept_names]
+    return result
+

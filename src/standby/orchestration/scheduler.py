@@ -1,0 +1,608 @@
+"""The scheduler: what runs when (docs/control-plane.md, "Scheduler and health").
+
+Each `tick` does, in short transactions of its own:
+
+1. agents not heard from for `heartbeat_timeout` get a `heartbeat_lost` alert (critical);
+   the alert clears on the agent's next heartbeat (or here, once it is no longer stale);
+2. tasks past their deadline expire; an expired cycle counts as a failed cycle;
+3. items whose next cycle is due, whose state replicates and that have no open cycle
+   task get a `cycle` task for the agent of the host replication reads from; the item's
+   `next_cycle_at` is cleared meanwhile (the cycle's result schedules the next one);
+4. the health of every item not disabled is recomputed (`domain.health`), written only
+   where it changed, and the item alerts (`rpo_breach`, `storage_low`,
+   `resync_required`) are raised or cleared to match.
+
+`apply_task_result` (called by the agent API in the transaction that records a task's
+result, and by step 2) turns a finished cycle into the item's new recovery point, next
+cycle, lifecycle transition and, when the policy keeps history, a `prune` task.
+
+The decisions are small pure functions below (`consistency_for`, `next_cycle_after`,
+`retry_at`, `needs_resync`, `summary_point_id`, `item_alerts` ...), tested without a
+database. The health pass reads every item with its policy, VM and hosts in one query and
+the agents and open alerts in one query each, so a tick costs a handful of queries
+whatever the number of items.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, aliased, selectinload
+
+from standby.domain import health as health_rules
+from standby.domain import lifecycle
+from standby.domain.lifecycle import Event, ItemContext, Site, State
+from standby.errors import NotFound
+from standby.orchestration import agents as agent_svc
+from standby.orchestration.settings import ServerSettings
+from standby.store.base import utcnow
+from standby.store.db import Store
+from standby.store.models import Agent, Alert, AgentTask, Host, Policy, ProtectedItem, Vm
+from standby.store.repo import agents as agents_repo
+from standby.store.repo import alerts, items, tasks
+
+log = logging.getLogger(__name__)
+
+CYCLE = "cycle"
+PRUNE = "prune"
+RPO_BREACH = "rpo_breach"
+STORAGE_LOW = "storage_low"
+RESYNC_REQUIRED = "resync_required"
+ITEM_ALERT_KINDS = (RPO_BREACH, STORAGE_LOW, RESYNC_REQUIRED)
+ALERT_SEVERITY = {RPO_BREACH: "warning", STORAGE_LOW: "warning", RESYNC_REQUIRED: "critical"}
+
+SENDER_TIMEOUT_SECONDS = 60  # the sender's I/O timeout in a cycle task (`replicate --timeout`)
+FAILURE_BACKOFF_MAX = 30.0  # a failed cycle is retried after min(frequency, this)
+CONTINUOUS_FAILURE_BACKOFF = 10.0  # continuous replication retries a failed cycle after this
+MISSING_AGENT_RETRY = 30.0  # an item whose agents are missing is looked at again after this
+DUE_BATCH = 500  # items dispatched per tick at most (the rest next tick)
+ALERT_CHUNK = 100  # alerts raised or cleared per transaction
+FINISHED_TASK_RETENTION = timedelta(days=1)
+PURGE_EVERY = timedelta(minutes=10)
+POINT_ID_MAX = 80  # ProtectedItem.last_recovery_point_id
+
+
+# ---------------------------------------------------------------- pure decisions
+
+
+def item_subject(vm_name: str) -> str:
+    return f"item:{vm_name}"
+
+
+def consistency_for(app_interval_hours: int, last_app_consistent_at: datetime | None, now: datetime) -> str:
+    """'app' when the policy takes app-consistent points and one is due, else 'crash'."""
+    if app_interval_hours <= 0:
+        return "crash"
+    if last_app_consistent_at is None:
+        return "app"
+    return "app" if now - last_app_consistent_at >= timedelta(hours=app_interval_hours) else "crash"
+
+
+def next_cycle_after(started_at: datetime, frequency_seconds: int, now: datetime) -> datetime:
+    """Next cycle = the previous cycle's start + frequency (continuous: now). A cycle that
+    took longer than the frequency makes the next one due now, not in the past."""
+    if frequency_seconds <= 0:
+        return now
+    return max(started_at + timedelta(seconds=frequency_seconds), now)
+
+
+def retry_at(frequency_seconds: int, now: datetime) -> datetime:
+    """When a failed cycle is tried again: after min(frequency, 30 s); continuous after 10 s
+    (not at once: a cycle that fails at once would otherwise spin)."""
+    wait = CONTINUOUS_FAILURE_BACKOFF if frequency_seconds <= 0 else min(float(frequency_seconds), FAILURE_BACKOFF_MAX)
+    return now + timedelta(seconds=wait)
+
+
+def needs_resync(error_type: str | None, result: Mapping[str, Any] | None) -> bool:
+    """Whether a failed cycle means the replica can no longer be trusted (a digest
+    mismatch, broken change tracking): the item must be resynchronized."""
+    if error_type == "IntegrityError":
+        return True
+    r = result or {}
+    return bool(r.get("resync_required") or r.get("needs_resync"))
+
+
+def summary_point_id(points: Mapping[str, str]) -> str | None:
+    """One id for a VM's recovery point made of one point per disk: the newest disk point
+    id (point ids sort by time), so the same cycle always gives the same id."""
+    ids = [p for p in points.values() if isinstance(p, str) and p]
+    if not ids:
+        return None
+    return max(ids)[:POINT_ID_MAX]
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 time from a task result (aware; naive means UTC), or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return t
+
+
+def should_prune(retention_hours: int, state: State) -> bool:
+    """A prune task follows a cycle when the policy keeps more than the latest point (the
+    replica store keeps only that otherwise) and no failover holds the points."""
+    return retention_hours > 0 and lifecycle.may_prune_recovery_points(state)
+
+
+def cycle_sites(state: State) -> tuple[Site, Site] | None:
+    """(source, target) sites of a cycle in this state, or None if no cycle runs."""
+    target = lifecycle.replicates_to(state)
+    if target is None:
+        return None
+    return (Site.SECONDARY if target is Site.PRIMARY else Site.PRIMARY), target
+
+
+def resync_pending(state: State, details: Mapping[str, Any]) -> bool:
+    """Whether the item's replica is known to need (or be under) a resynchronization
+    that a failure forced: the resync_required alert stays open until it completes."""
+    if state is State.RESYNC_REQUIRED:
+        return True
+    return state is State.RESYNCHRONIZING and bool(details.get("resync_reason"))
+
+
+def item_alerts(
+    state: State, found: list[health_rules.Finding], details: Mapping[str, Any]
+) -> dict[str, str]:
+    """The item alerts that should be open, kind -> message."""
+    want: dict[str, str] = {}
+    for f in found:
+        if f.code in ("rpo_breach", "rpo_critical") and RPO_BREACH not in want:
+            want[RPO_BREACH] = f.reason
+        elif f.code == "storage_low":
+            want[STORAGE_LOW] = f.reason
+    if resync_pending(state, details):
+        reason = details.get("resync_reason")
+        want[RESYNC_REQUIRED] = f"resynchronization required: {reason}" if reason else "resynchronization required"
+    return want
+
+
+def _state(value: str) -> State | None:
+    try:
+        return State(value)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- the scheduler
+
+
+@dataclass
+class TickReport:
+    agents_stale: int = 0
+    tasks_expired: int = 0
+    cycles_dispatched: int = 0
+    dispatch_skipped: int = 0
+    items_checked: int = 0
+    health_changed: int = 0
+    alerts_raised: int = 0
+    alerts_cleared: int = 0
+    tasks_purged: int = 0
+
+
+@dataclass(frozen=True)
+class _AgentView:
+    id: int
+    name: str
+    address: str | None
+    ok: bool
+    free_fraction: float | None
+
+
+class Scheduler:
+    """Runs `tick()` every `settings.tick_seconds` (`run`), or when a test calls it."""
+
+    def __init__(self, store: Store, settings: ServerSettings, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._last_purge: datetime | None = None
+
+    # ------------------------------------------------------------ loop
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick until `stop` is set. A failing tick is logged and the next one runs."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the scheduler must outlive one bad tick
+                log.exception("scheduler tick failed")
+            stop.wait(self.settings.tick_seconds)
+
+    def tick(self, now: datetime | None = None) -> TickReport:
+        now = now or self.clock()
+        report = TickReport()
+        self._agents_pass(now, report)
+        self._expire_pass(now, report)
+        self._dispatch_pass(now, report)
+        self._health_pass(now, report)
+        self._purge_pass(now, report)
+        return report
+
+    # ------------------------------------------------------------ 1. agents
+
+    def _agents_pass(self, now: datetime, report: TickReport) -> None:
+        timeout = timedelta(seconds=self.settings.heartbeat_timeout)
+        with self.store.transaction() as s:
+            stale = agents_repo.stale_agents(s, timeout=timeout, now=now)
+            report.agents_stale = len(stale)
+            stale_subjects = {agent_svc.agent_subject(a.name) for a in stale}
+            open_subjects = set(
+                s.scalars(
+                    select(Alert.subject).where(Alert.kind == agent_svc.HEARTBEAT_LOST, Alert.cleared_at.is_(None))
+                )
+            )
+            for a in stale:
+                subject = agent_svc.agent_subject(a.name)
+                if subject in open_subjects:
+                    continue
+                seen = a.last_heartbeat_at.isoformat(timespec="seconds") if a.last_heartbeat_at else "never"
+                alerts.raise_alert(
+                    s,
+                    kind=agent_svc.HEARTBEAT_LOST,
+                    severity="critical",
+                    subject=subject,
+                    message=f"agent {a.name} on host {a.host_name} has not sent a heartbeat since {seen}",
+                    agent_id=a.id,
+                    now=now,
+                )
+                report.alerts_raised += 1
+            for subject in open_subjects - stale_subjects:  # heard from again, or revoked
+                alerts.clear_alert(s, kind=agent_svc.HEARTBEAT_LOST, subject=subject, now=now)
+                report.alerts_cleared += 1
+
+    # ------------------------------------------------------------ 2. expiry
+
+    def _expire_pass(self, now: datetime, report: TickReport) -> None:
+        with self.store.transaction() as s:
+            expired = tasks.expire(s, now)
+            report.tasks_expired = len(expired)
+            for task in expired:
+                self.apply_task_result(s, task, now)
+
+    # ------------------------------------------------------------ 3. dispatch
+
+    def _dispatch_pass(self, now: datetime, report: TickReport) -> None:
+        with self.store.transaction() as s:
+            # items.due's queue, locked: a concurrent result for the same item waits
+            # for this transaction (and sees the task it enqueued), and vice versa.
+            due = list(
+                s.scalars(
+                    select(ProtectedItem)
+                    .where(ProtectedItem.next_cycle_at.is_not(None), ProtectedItem.next_cycle_at <= now)
+                    .order_by(ProtectedItem.next_cycle_at, ProtectedItem.id)
+                    .limit(DUE_BATCH)
+                    .with_for_update(skip_locked=True)
+                    .options(
+                        selectinload(ProtectedItem.vm).selectinload(Vm.host),
+                        selectinload(ProtectedItem.policy),
+                        selectinload(ProtectedItem.secondary_host),
+                    )
+                )
+            )
+            if not due:
+                return
+            busy = tasks.items_with_open_tasks(s, CYCLE)
+            agents_by_host = self._agents_by_host(s, now)
+            new: list[tasks.NewTask] = []
+            for item in due:
+                if item.id in busy:
+                    continue  # its running cycle's result schedules the next one
+                task = self._cycle_task(item, agents_by_host, now)
+                if task is None:
+                    report.dispatch_skipped += 1
+                else:
+                    new.append(task)
+            # One INSERT batch for the tick's tasks.
+            tasks.enqueue_many(s, new, deadline_seconds=self.settings.task_deadline_seconds, now=now)
+            report.cycles_dispatched = len(new)
+
+    def _agents_by_host(self, s: Session, now: datetime) -> dict[str, _AgentView]:
+        """The dispatching agent of each host (`agents.agent_for_host`: the newest active
+        registration), with whether its heartbeat is current."""
+        cutoff = now - timedelta(seconds=self.settings.heartbeat_timeout)
+        out: dict[str, _AgentView] = {}
+        q = select(Agent).where(Agent.kind == "agent", Agent.state == "active").order_by(Agent.registered_at)
+        for a in s.scalars(q):  # newest last: it wins
+            seen = a.last_heartbeat_at or a.registered_at
+            out[a.host_name] = _AgentView(a.id, a.name, a.address, seen >= cutoff, agent_svc.storage_free_fraction(a))
+        return out
+
+    def _cycle_task(
+        self, item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], now: datetime
+    ) -> tasks.NewTask | None:
+        """The cycle task for a due item, its `next_cycle_at` cleared; or None, the item
+        rescheduled (or taken off the queue) and `error` saying why."""
+        state = _state(item.state)
+        sites = cycle_sites(state) if state is not None else None
+        if state is None or sites is None:
+            # Not replicating (paused, failed over ...): off the queue until a job puts it back.
+            item.next_cycle_at = None
+            return None
+        hosts = {
+            Site.PRIMARY: item.vm.host.name,
+            Site.SECONDARY: item.secondary_host.name if item.secondary_host is not None else None,
+        }
+        source_host, target_host = hosts[sites[0]], hosts[sites[1]]
+        problem = None
+        source = agents_by_host.get(source_host) if source_host else None
+        target = agents_by_host.get(target_host) if target_host else None
+        if target_host is None:
+            problem = "no secondary host is assigned to hold the replica"
+        elif source is None:
+            problem = f"no active agent is registered on host {source_host}"
+        elif target is None:
+            problem = f"no active agent is registered on host {target_host}"
+        elif not target.address:
+            problem = f"agent {target.name} on host {target_host} has no replication address"
+        elif not source.ok:
+            problem = f"agent {source.name} on host {source_host} lost its heartbeat"
+        elif not target.ok:
+            problem = f"agent {target.name} on host {target_host} lost its heartbeat"
+        if problem is not None:
+            item.error = f"replication cycle not started: {problem}"
+            item.next_cycle_at = now + timedelta(seconds=MISSING_AGENT_RETRY)
+            return None
+        assert source is not None and target is not None
+        policy = item.policy
+        details = item.details or {}
+        force = state is State.RESYNCHRONIZING or bool(details.get("force_hash_scan"))
+        params = {
+            "item_id": item.id,
+            "vm": item.vm.name,
+            "peer": {"name": target.name, "address": target.address},
+            "consistency": consistency_for(
+                policy.app_consistent_interval_hours, parse_time(details.get("last_app_consistent_at")), now
+            ),
+            "compress": bool(policy.compression),
+            "force_hash_scan": force,
+            "timeout_seconds": SENDER_TIMEOUT_SECONDS,
+        }
+        item.next_cycle_at = None
+        return tasks.NewTask(agent_id=source.id, kind=CYCLE, params=params, item_id=item.id)
+
+    # ------------------------------------------------------------ 4. health and alerts
+
+    def _health_pass(self, now: datetime, report: TickReport) -> None:
+        primary_host = aliased(Host)
+        secondary_host = aliased(Host)
+        q = (
+            select(
+                ProtectedItem.id,
+                ProtectedItem.state,
+                ProtectedItem.health,
+                ProtectedItem.health_reason,
+                ProtectedItem.last_recovery_point_at,
+                ProtectedItem.details,
+                Policy.copy_frequency_seconds,
+                Policy.rpo_alert_seconds,
+                Vm.name,
+                primary_host.name,
+                secondary_host.name,
+            )
+            .join(Policy, Policy.id == ProtectedItem.policy_id)
+            .join(Vm, Vm.id == ProtectedItem.vm_id)
+            .join(primary_host, primary_host.id == Vm.host_id)
+            .outerjoin(secondary_host, secondary_host.id == ProtectedItem.secondary_host_id)
+            .where(ProtectedItem.state != items.DISABLED)
+        )
+        with self.store.read() as s:
+            rows = s.execute(q).all()
+            agents_by_host = self._agents_by_host(s, now)
+            open_alerts = {
+                (kind, subject)
+                for kind, subject in s.execute(
+                    select(Alert.kind, Alert.subject).where(
+                        Alert.cleared_at.is_(None), Alert.kind.in_(ITEM_ALERT_KINDS)
+                    )
+                )
+            }
+        report.items_checked = len(rows)
+        changes: list[dict[str, Any]] = []
+        wanted: dict[tuple[str, str], tuple[str, int]] = {}  # (kind, subject) -> (message, item id)
+        for (item_id, raw_state, old_health, old_reason, point_at, details, freq, rpo_alert,
+             vm_name, p_host, s_host) in rows:
+            state = _state(raw_state)
+            if state is None:
+                continue
+            primary, secondary = agents_by_host.get(p_host), agents_by_host.get(s_host) if s_host else None
+            rpo = (now - point_at).total_seconds() if point_at is not None else None
+            found = health_rules.findings(
+                state,
+                rpo_seconds=rpo,
+                copy_frequency_seconds=freq,
+                rpo_alert_seconds=rpo_alert,
+                primary_agent_ok=primary is not None and primary.ok,
+                secondary_agent_ok=secondary is not None and secondary.ok,
+                secondary_free_fraction=secondary.free_fraction if secondary is not None else None,
+                storage_low_fraction=self.settings.storage_low_fraction,
+            )
+            if found:
+                new_health, new_reason = found[0].health.value, found[0].reason
+            else:
+                new_health, new_reason = lifecycle.health(state).value, lifecycle.health_reason(state)
+            if (new_health, new_reason) != (old_health, old_reason):
+                changes.append({"id": item_id, "health": new_health, "health_reason": new_reason})
+            for kind, message in item_alerts(state, found, details or {}).items():
+                wanted[(kind, item_subject(vm_name))] = (message, item_id)
+        to_raise = [k for k in wanted if k not in open_alerts]
+        to_clear = [k for k in open_alerts if k not in wanted]
+        if changes:
+            with self.store.transaction() as s:
+                # One executemany by primary key; only rows whose health changed.
+                s.execute(update(ProtectedItem), changes)
+            report.health_changed = len(changes)
+        # Alerts in chunks: many at once (a site link down) must not hold the write lock
+        # for long; each chunk is consistent on its own (an alert and its outbox rows).
+        for i in range(0, len(to_raise), ALERT_CHUNK):
+            with self.store.transaction() as s:
+                for kind, subject in to_raise[i : i + ALERT_CHUNK]:
+                    message, item_id = wanted[(kind, subject)]
+                    alerts.raise_alert(
+                        s, kind=kind, severity=ALERT_SEVERITY[kind], subject=subject, message=message,
+                        item_id=item_id, now=now,
+                    )
+            report.alerts_raised += len(to_raise[i : i + ALERT_CHUNK])
+        for i in range(0, len(to_clear), ALERT_CHUNK):
+            with self.store.transaction() as s:
+                for kind, subject in to_clear[i : i + ALERT_CHUNK]:
+                    alerts.clear_alert(s, kind=kind, subject=subject, now=now)
+            report.alerts_cleared += len(to_clear[i : i + ALERT_CHUNK])
+
+    # ------------------------------------------------------------ 5. housekeeping
+
+    def _purge_pass(self, now: datetime, report: TickReport) -> None:
+        if self._last_purge is not None and now - self._last_purge < PURGE_EVERY:
+            return
+        self._last_purge = now
+        with self.store.transaction() as s:
+            report.tasks_purged = tasks.purge_finished(s, before=now - FINISHED_TASK_RETENTION)
+
+    # ------------------------------------------------------------ task results
+
+    def apply_task_result(self, session: Session, task: AgentTask, now: datetime) -> None:
+        """What a finished task means for its item (in the caller's transaction). Only
+        cycle tasks change an item; other kinds are read by whoever enqueued them."""
+        if task.kind != CYCLE or task.item_id is None or task.is_open:
+            return
+        try:
+            item = items.get(session, task.item_id, lock=True)
+        except NotFound:
+            return  # the item was deleted while its cycle ran
+        if task.state == "succeeded":
+            self._cycle_succeeded(session, item, task, now)
+        elif task.state in ("failed", "expired"):
+            self._cycle_failed(session, item, task, now)
+        else:  # cancelled: nothing was made; the next cycle is due as scheduled
+            if item.next_cycle_at is None and self._replicates(item):
+                item.next_cycle_at = retry_at(item.policy.copy_frequency_seconds, now)
+
+    @staticmethod
+    def _replicates(item: ProtectedItem) -> bool:
+        state = _state(item.state)
+        return state is not None and lifecycle.is_replicating(state)
+
+    def _cycle_succeeded(self, s: Session, item: ProtectedItem, task: AgentTask, now: datetime) -> None:
+        result = task.result or {}
+        points = result.get("points") if isinstance(result.get("points"), dict) else {}
+        point_id = summary_point_id(points or {})
+        started = task.claimed_at or task.created_at
+        policy = item.policy
+        if point_id is None:  # "ok" with nothing committed: not a recovery point
+            self._record_failure(s, item, "the cycle reported success but no disk committed a point", None, {},
+                                 now)
+            return
+        point_at = parse_time(result.get("point_at")) or started
+        bytes_sent = result.get("bytes_sent")
+        items.record_cycle(
+            s,
+            item.id,
+            recovery_point_id=point_id,
+            recovery_point_at=point_at,
+            bytes_sent=bytes_sent if isinstance(bytes_sent, int) and bytes_sent >= 0 else 0,
+            next_cycle_at=next_cycle_after(started, policy.copy_frequency_seconds, now),
+            now=now,
+        )
+        details = dict(item.details or {})
+        details["disk_ids"] = sorted(points)
+        details.pop("force_hash_scan", None)
+        details.pop("failed_cycles", None)
+        if task.params.get("consistency") == "app" or result.get("consistency") == "app":
+            details["last_app_consistent_at"] = point_at.isoformat()
+        event = {
+            State.INITIAL_REPLICATION: Event.INITIAL_REPLICATION_COMPLETED,
+            State.RESYNCHRONIZING: Event.RESYNC_COMPLETED,
+            State.REVERSE_REPLICATING: Event.REVERSE_REPLICATION_COMPLETED,
+        }.get(_state(item.state))  # type: ignore[arg-type]
+        if event is not None:
+            self._transition(s, item, event)
+            if event is Event.RESYNC_COMPLETED:
+                details.pop("resync_reason", None)
+            if event is Event.REVERSE_REPLICATION_COMPLETED:
+                details["reverse_in_sync"] = True
+        item.details = details
+        if not self._replicates(item):
+            item.next_cycle_at = None  # paused (or failed over) while the cycle ran
+        state = _state(item.state)
+        if state is not None and should_prune(policy.recovery_point_retention_hours, state):
+            self._enqueue_prune(s, item, task, details["disk_ids"], now)
+        s.flush()
+
+    def _enqueue_prune(self, s: Session, item: ProtectedItem, cycle: AgentTask, disk_ids: list[str],
+                       now: datetime) -> None:
+        if tasks.open_task_for_item(s, item.id, PRUNE) is not None:
+            return  # one prune at a time: the open one prunes up to now
+        peer = cycle.params.get("peer") or {}
+        try:
+            target = agents_repo.get_agent(s, str(peer.get("name")))
+        except NotFound:
+            log.warning("item %s: no agent %r to prune recovery points on", item.id, peer.get("name"))
+            return
+        if target.state != "active":
+            return
+        policy = item.policy
+        tasks.enqueue(
+            s,
+            agent_id=target.id,
+            kind=PRUNE,
+            params={
+                "disk_ids": disk_ids,
+                "retention_hours": policy.recovery_point_retention_hours,
+                "app_consistent_interval_hours": policy.app_consistent_interval_hours,
+            },
+            item_id=item.id,
+            deadline_seconds=self.settings.task_deadline_seconds,
+            now=now,
+        )
+
+    def _cycle_failed(self, s: Session, item: ProtectedItem, task: AgentTask, now: datetime) -> None:
+        error = task.error or "the replication cycle failed"
+        if task.state == "expired":
+            error = f"the agent did not finish the replication cycle by its deadline ({error})"
+        self._record_failure(s, item, error, task.error_type, task.result or {}, now)
+
+    def _record_failure(self, s: Session, item: ProtectedItem, error: str, error_type: str | None,
+                        result: Mapping[str, Any], now: datetime) -> None:
+        details = dict(item.details or {})
+        details["failed_cycles"] = int(details.get("failed_cycles", 0)) + 1
+        item.error = error
+        if needs_resync(error_type, result):
+            details["force_hash_scan"] = True
+            state = _state(item.state)
+            if state is not None and Event.CYCLE_FAILED_NEEDS_RESYNC in lifecycle.allowed_events(state):
+                details["resync_reason"] = error
+                self._transition(s, item, Event.CYCLE_FAILED_NEEDS_RESYNC)
+                # Start the resynchronization at once: the next cycle scans every block.
+                if Event.RESYNC_STARTED in lifecycle.allowed_events(State(item.state)):
+                    self._transition(s, item, Event.RESYNC_STARTED)
+            item.error = error  # transitions reset the error field
+        item.details = details
+        item.next_cycle_at = retry_at(item.policy.copy_frequency_seconds, now) if self._replicates(item) else None
+        item.updated_at = now
+        s.flush()
+
+    @staticmethod
+    def _transition(s: Session, item: ProtectedItem, event: Event) -> None:
+        """Apply a lifecycle event under the item's row lock, if it still applies to the
+        state found there (an operator may have moved the item while the cycle ran)."""
+        ctx = ItemContext(vm=item.vm.name)
+        s.flush()  # the row is read again under the lock: unflushed changes would be lost
+
+        def next_state(current: str) -> str:
+            cur = _state(current)
+            if cur is None or event not in lifecycle.allowed_events(cur, ctx):
+                return current
+            return lifecycle.transition(cur, event, ctx).value
+
+        items.transition(s, item.id, next_state, error=item.error)
