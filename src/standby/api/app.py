@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from standby import __version__
 from standby.api import deps, errors, schemas
-from standby.api.routes import admin, inventory, jobs, policies
+from standby.api.routes import admin, agents, inventory, items, jobs, policies
 
 log = logging.getLogger("standby.api")
 
@@ -65,6 +65,8 @@ def create_app(services: deps.Services) -> FastAPI:
     errors.install(app)
 
     app.include_router(admin.public, prefix=PREFIX, responses=_ERRORS)
-    for module in (admin, inventory, policies, jobs):
+    app.include_router(agents.public, prefix=PREFIX, responses=_ERRORS)
+    app.include_router(agents.agent_router, prefix=PREFIX, responses={**_AUTH_ERRORS, **_ERRORS})
+    for module in (admin, agents, inventory, policies, items, jobs):
         app.include_router(module.router, prefix=PREFIX, responses={**_AUTH_ERRORS, **_ERRORS})
     return app

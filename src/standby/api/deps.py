@@ -7,7 +7,7 @@ so a route returns plain response models, never ORM objects.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
 
@@ -31,19 +31,26 @@ from standby.store.models import (
 )
 
 
+if TYPE_CHECKING:
+    from standby.orchestration.runner import JobRunner
+    from standby.orchestration.scheduler import Scheduler
+
+
 class Services(Protocol):
     """What the API needs of the control plane's services (`orchestration.service`)."""
 
     settings: ServerSettings
     store: Store
+    runner: JobRunner
+    scheduler: Scheduler
 
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
 
 
-def services(request: Request) -> Any:
-    return request.app.state.services
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
 
 
 def store(request: Request) -> Store:

@@ -23,6 +23,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -289,17 +290,15 @@ class ControlPlaneServer:
             target=self._run, name=f"control-plane:{self.port}", daemon=True
         )
         self._thread.start()
-        deadline = timeout
-        step = 0.02
+        deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive():
                 self._close_socket()
                 raise _startup_failure(self.app)
-            if deadline <= 0:
+            if time.monotonic() > deadline:
                 self.stop()
                 raise StandbyError(f"the control plane did not start within {timeout:g} s")
-            self._thread.join(step)
-            deadline -= step
+            self._thread.join(0.02)
         return self
 
     def _run(self) -> None:

@@ -209,9 +209,5 @@ def get_readiness(
     """Readiness of the live fabric: the inventory the agents reported and the operator's
     pairings, policies and mappings, checked by the same rules as a fabric file."""
     with store.read() as s:
-        report = livefabric.live_readiness(
-            s,
-            heartbeat_timeout=timedelta(seconds=settings.heartbeat_timeout),
-            endpoint=f"https://{settings.listen}",
-        )
+        report = livefabric.live_readiness_for(s, settings)
     return schemas.ReadinessOut.model_validate(report.as_dict())

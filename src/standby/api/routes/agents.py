@@ -1,0 +1,171 @@
+"""Agents: registration (a registration key), the agent API (the client certificate
+issued at registration: heartbeat, inventory, tasks) and the operators' view of agents."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends
+from sqlalchemy.orm import Session
+
+from standby.api import deps, schemas
+from standby.api.auth import AgentIdentity, authorize, require_agent
+from standby.api.errors import Unauthorized
+from standby.orchestration import agents as agents_svc
+from standby.orchestration import registration
+from standby.orchestration.settings import ServerSettings
+from standby.store.base import utcnow
+from standby.store.db import Store
+from standby.store.models import Agent
+from standby.store.repo import agents as agents_repo
+from standby.store.repo import tasks as tasks_repo
+
+# No credentials: the body carries the registration key.
+public = APIRouter(tags=["agents"])
+# The agent API: the client certificate.
+agent_router = APIRouter(prefix="/agent", dependencies=[Depends(require_agent)], tags=["agent API"])
+# Operators.
+router = APIRouter(dependencies=[Depends(authorize)], tags=["agents"])
+
+
+@public.post("/agents/register", response_model=schemas.RegisterOut)
+def register(
+    body: schemas.RegisterIn, store: Store = Depends(deps.store), settings: ServerSettings = Depends(deps.settings)
+) -> schemas.RegisterOut:
+    """Register an agent (or register it again: a new certificate replaces the old one).
+    The agent sends a CSR; its private key never leaves it."""
+    with store.transaction() as s:
+        res = registration.register(
+            s,
+            settings,
+            key=body.key,
+            name=body.name,
+            kind=body.kind,
+            host=body.host,
+            site=body.site,
+            server=body.server,
+            cloud=body.cloud,
+            host_group=body.host_group,
+            address=body.address,
+            csr_pem=body.csr_pem,
+            version=body.version,
+        )
+    return schemas.RegisterOut(**asdict(res))
+
+
+# ---------------------------------------------------------------- the agent API
+
+
+def _agent_row(session: Session, ident: AgentIdentity) -> Agent:
+    """The calling agent's row, locked for this transaction, checked again under the lock
+    (it may have been revoked or re-registered since the request was authenticated)."""
+    agent = session.get(Agent, ident.id, with_for_update=True, populate_existing=True)
+    if agent is None or agent.state != "active" or agent.cert_fingerprint != ident.fingerprint:
+        raise Unauthorized(f"agent {ident.name!r} is no longer registered with this certificate: register it again")
+    return agent
+
+
+@agent_router.post("/heartbeat", response_model=schemas.HeartbeatOut)
+def heartbeat(
+    body: schemas.HeartbeatIn,
+    ident: AgentIdentity = Depends(require_agent),
+    store: Store = Depends(deps.store),
+    settings: ServerSettings = Depends(deps.settings),
+) -> schemas.HeartbeatOut:
+    now = utcnow()
+    with store.transaction() as s:
+        agents_svc.heartbeat(
+            s,
+            _agent_row(s, ident),
+            version=body.version,
+            storage_free_bytes=body.storage_free_bytes,
+            storage_total_bytes=body.storage_total_bytes,
+            facts=body.facts,
+            now=now,
+        )
+    return schemas.HeartbeatOut(heartbeat_seconds=settings.heartbeat_seconds, server_time=now)
+
+
+@agent_router.put("/inventory", response_model=schemas.SyncOut)
+def put_inventory(
+    body: schemas.InventoryIn, ident: AgentIdentity = Depends(require_agent), store: Store = Depends(deps.store)
+) -> schemas.SyncOut:
+    """What the agent's discovery sees, synced into the agent's cloud."""
+    with store.transaction() as s:
+        result = agents_svc.sync_inventory(s, _agent_row(s, ident), [h.model_dump() for h in body.hosts])
+        return schemas.SyncOut.model_validate(asdict(result))
+
+
+@agent_router.post("/tasks/claim", response_model=schemas.ClaimOut)
+def claim_tasks(
+    body: schemas.ClaimIn, ident: AgentIdentity = Depends(require_agent), store: Store = Depends(deps.store)
+) -> schemas.ClaimOut:
+    """Queued tasks for this agent, and those it claimed before and has not finished."""
+    with store.transaction() as s:
+        agent = _agent_row(s, ident)
+        tasks = tasks_repo.claim(s, agent.id, max=body.max)
+        return schemas.ClaimOut(tasks=[schemas.TaskOut.model_validate(t) for t in tasks])
+
+
+@agent_router.post("/tasks/{task_id}/progress", response_model=schemas.ProgressOut)
+def task_progress(
+    task_id: schemas.IdPath,
+    body: schemas.ProgressIn,
+    ident: AgentIdentity = Depends(require_agent),
+    store: Store = Depends(deps.store),
+) -> schemas.ProgressOut:
+    with store.transaction() as s:
+        agent = _agent_row(s, ident)
+        task = tasks_repo.progress(s, agent.id, task_id, body.progress, body.message, bytes_done=body.bytes_done)
+        return schemas.ProgressOut(cancel_requested=tasks_repo.cancel_requested(task))
+
+
+@agent_router.post("/tasks/{task_id}/result", response_model=schemas.Empty)
+def task_result(
+    task_id: schemas.IdPath,
+    body: schemas.ResultIn,
+    ident: AgentIdentity = Depends(require_agent),
+    store: Store = Depends(deps.store),
+    services: deps.Services = Depends(deps.services),
+) -> schemas.Empty:
+    """Idempotent: a result for a task that has ended already is ignored (200)."""
+    now = utcnow()
+    with store.transaction() as s:
+        agent = _agent_row(s, ident)
+        task, changed = tasks_repo.finish(
+            s, agent.id, task_id, ok=body.ok, result=body.result, error=body.error, error_type=body.error_type, now=now
+        )
+        if changed:
+            # In the same transaction: the item never shows a finished cycle without its outcome.
+            services.scheduler.apply_task_result(s, task, now)
+    return schemas.Empty()
+
+
+# ---------------------------------------------------------------- operators
+
+
+@router.get("/agents", response_model=schemas.ListOut[schemas.AgentOut])
+def list_agents(
+    store: Store = Depends(deps.store), settings: ServerSettings = Depends(deps.settings)
+) -> schemas.ListOut[schemas.AgentOut]:
+    now = utcnow()
+    with store.read() as s:
+        return schemas.ListOut(items=[deps.agent_out(a, settings, now) for a in agents_repo.list_agents(s)])
+
+
+@router.get("/agents/{name}", response_model=schemas.AgentOut)
+def get_agent(
+    name: str, store: Store = Depends(deps.store), settings: ServerSettings = Depends(deps.settings)
+) -> schemas.AgentOut:
+    with store.read() as s:
+        return deps.agent_out(agents_repo.get_agent(s, name), settings, utcnow())
+
+
+@router.delete("/agents/{name}", response_model=schemas.AgentOut)
+def revoke_agent(
+    name: str, store: Store = Depends(deps.store), settings: ServerSettings = Depends(deps.settings)
+) -> schemas.AgentOut:
+    """Stop trusting an agent: its certificate is refused from now on (register it again
+    with a new key to bring it back)."""
+    with store.transaction() as s:
+        return deps.agent_out(agents_repo.revoke_agent(s, name), settings, utcnow())
