@@ -100,3 +100,176 @@ def test_agent_run_without_a_control_plane_receives_and_stops_cleanly(tmp_path: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# Against a real control plane
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, libvirtd: str) -> Iterator[Any]:
+    from standby.demo.local import LocalDeployment
+
+    d = LocalDeployment(tmp_path / "dep", tick_seconds=1, heartbeat_timeout=10, libvirt_uri=libvirtd)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def _cycle_task(store: Any, agent_id: int, vm: str, peer: dict[str, Any], *, claim: bool = False) -> int:
+    """A cycle task as the scheduler queues it (protection through POST /items is the
+    control-plane e2e test's business; here the agent's side is under test)."""
+    from standby.store.repo import tasks
+
+    with store.transaction() as s:
+        task = tasks.enqueue(s, agent_id=agent_id, kind="cycle", deadline_seconds=600,
+                             params={"item_id": None, "vm": vm, "peer": peer, "consistency": "auto",
+                                     "compress": True, "force_hash_scan": False, "timeout_seconds": 60})
+        if claim:  # as if an agent had claimed it and died before finishing
+            assert [t.id for t in tasks.claim(s, agent_id, max=1)] == [task.id]
+        return int(task.id)
+
+
+def _finished(store: Any, task_id: int) -> Any:
+    from standby.store.repo import tasks
+
+    with store.read() as s:
+        t = tasks.get(s, task_id)
+        if t.state in ("queued", "claimed"):
+            return None
+        return {"state": t.state, "result": t.result, "error": t.error, "error_type": t.error_type,
+                "attempt": t.attempt, "bytes_done": t.bytes_done}
+
+
+def _materialized(replicas: Path, disk_id: str, point: str, dest: Path) -> Any:
+    disk = ReplicaStore(replicas).disk(disk_id)
+    return disk, disk.materialize(point, dest)
+
+
+def test_two_agents_with_a_control_plane_replicate_a_guest(
+        deployment: Any, libvirt_conn: Any, guest_image: Any, vm_name: Any, vm_dir: Path, tmp_path: Path) -> None:
+    import libvirt
+
+    from standby.orchestration.replicate import disk_id_for
+    from standby.store.db import open_store, sqlite_url
+    from standby.testing import guest
+
+    d = deployment
+    name = vm_name("rt")
+    disk = guest.create_disk(vm_dir / f"{name}-vda.qcow2", 32)
+    console = guest.Console(vm_dir / f"{name}.log")
+    dom = libvirt_conn.defineXML(guest.domain_xml(name, disk, vm_dir / f"{name}.log", guest_image,
+                                                  guest.cmdline("write", rate=10)))
+    store = None
+    try:
+        dom.create()
+        d.init()
+        d.start_server()
+        a = d.add_agent("host-a", cloud="primary", domains=[name])  # waits for a heartbeat
+        b = d.add_agent("host-b", cloud="secondary", domains=["sbt-none-*"])
+        api = d.client()
+        agent_a = api.get("/agents/host-a")
+        assert agent_a["heartbeat_ok"] and agent_a["last_heartbeat_at"] and agent_a["address"] == a.listen
+        reported = agent_a["facts"]["reported"]
+        assert reported["listen"] == a.listen and reported["domains"] == [name]
+        assert 0 < agent_a["facts"]["storage_free_bytes"] <= agent_a["facts"]["storage_total_bytes"]
+
+        # inventory: the VM in the primary cloud only, as the driver sees it
+        def listed() -> Any:
+            vms = [v for v in api.get("/vms", params={"cloud": "primary"})["items"] if v["name"] == name]
+            return vms[0] if vms else None
+
+        vm = d.wait_for(listed, 60, "the VM in the primary cloud's inventory", log=a.process)
+        assert vm["host"] == "host-a" and vm["uuid"] == dom.UUIDString() and vm["power_state"] == "running"
+        assert vm["disks"]["vda"]["path"] == str(disk) and vm["disks"]["vda"]["size"] == 32 * MiB
+        assert vm["disks"]["vda"]["format"] == "qcow2" and vm["disks"]["vda"]["qcow2_compat"] == "1.1"
+        assert not [v for v in api.get("/vms", params={"cloud": "secondary"})["items"] if v["name"] == name]
+        hosts = d.wait_for(lambda: (lambda hs: hs if "host-b" in hs else None)(
+            {h["name"]: h for h in api.get("/hosts")["items"]}), 60, "host-b's inventory", log=b.process)
+        assert hosts["host-a"]["replication_address"] == "127.0.0.1"
+        assert hosts["host-a"]["facts"]["libvirt_version"] and hosts["host-b"]["storage_free_bytes"] > 0
+
+        # registration as an operator runs it: the key stays out of every file the agent writes
+        reg_key = api.post("/registration-keys", json={"description": "host-c", "valid_days": 1})["key"]
+        key_file = tmp_path / "reg.key"
+        key_file.write_text(reg_key)
+        c_dir = tmp_path / "agent-c"
+        args = ["agent", "register", "--data-dir", str(c_dir), "--server", d.url, "--ca", str(d.ca),
+                "--name", "host-c", "--site", "local", "--server-name", "mgr", "--cloud", "secondary",
+                "--host", "host-c", "--listen", f"127.0.0.1:{free_port()}", "--domains", "dr-*"]
+        out = d.run_cli(*args, "--key-file", str(key_file))
+        assert "registered" in out.stdout and reg_key not in out.stdout + out.stderr
+        assert oct(os.stat(c_dir / "agent.key").st_mode & 0o777) == "0o600"
+        for f in c_dir.iterdir():
+            assert reg_key not in f.read_text(errors="replace"), f
+        cfg = AgentConfig.load(c_dir)
+        assert (cfg.name, cfg.cloud, cfg.domains, cfg.agent_id) == ("host-c", "secondary", ["dr-*"],
+                                                                     api.get("/agents/host-c")["id"])
+        assert api.get("/agents/host-c")["cert_fingerprint"] == tls.fingerprint((c_dir / "agent.crt").read_bytes())
+        bad = d.run_cli(*args, "--key", "sbk_not-a-key-at-all", check=False)
+        assert bad.returncode != 0 and "sbk_not-a-key-at-all" not in bad.stdout + bad.stderr, bad.stderr
+
+        store = open_store(sqlite_url(d.server_dir), migrate=False)
+        peer = {"name": "host-b", "address": b.listen}
+        disk_id = disk_id_for(name, "vda")
+        replicas = b.data_dir / "replicas"
+
+        # a cycle of the running guest: the point holds every record acknowledged before it
+        console.wait_for(lambda c: c.acked() >= 5, 90, alive=dom.isActive)
+        acked = console.acked()
+        task_id = _cycle_task(store, agent_a["id"], name, peer)
+        done = d.wait_for(lambda: _finished(store, task_id), 120, "the first cycle task", log=a.process)
+        assert done["state"] == "succeeded", done
+        res = done["result"]
+        assert res["completed"] and res["disks"][0]["kind"] == "seed" and res["bytes_sent"] > 0
+        point = res["points"][disk_id]
+        replica, overlay = _materialized(replicas, disk_id, point, tmp_path / "p1.qcow2")
+        try:
+            verdict = guest.verify_image(overlay)
+        finally:
+            replica.release(overlay)
+        assert verdict.ok and verdict.last is not None and verdict.last >= acked, verdict.line()
+
+        # a task claimed by an agent that then died is run again by the restarted agent
+        assert d.stop_agent("host-a") == 0
+        task2 = _cycle_task(store, agent_a["id"], name, peer, claim=True)
+        d.start_agent("host-a")
+        done = d.wait_for(lambda: _finished(store, task2), 120, "the re-delivered cycle task", log=a.process)
+        assert done["state"] == "succeeded" and done["attempt"] == 1, done
+        assert done["result"]["disks"][0]["kind"] == "extents", done["result"]
+
+        # the VM off: the next point is the source image exactly
+        dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+        _wait(lambda: not dom.isActive(), 30, "the VM to stop")
+        task3 = _cycle_task(store, agent_a["id"], name, peer)
+        done = d.wait_for(lambda: _finished(store, task3), 120, "the cycle of the stopped VM", log=a.process)
+        assert done["state"] == "succeeded", done
+        replica, overlay = _materialized(replicas, disk_id, done["result"]["points"][disk_id], tmp_path / "p3.qcow2")
+        try:
+            r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(overlay), str(disk)],
+                               capture_output=True, text=True)
+        finally:
+            replica.release(overlay)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        # losing the control plane: one line when it goes, one when it is back; work resumes
+        d.stop_server()
+        _wait(lambda: "control plane unreachable" in _text(a.process.log), 30, "the agent to notice the outage")
+        d.start_server()
+        _wait(lambda: "reachable again" in _text(a.process.log), 60, "the agent to reconnect")
+        assert _text(a.process.log).count("control plane unreachable") == 1
+        task4 = _cycle_task(store, agent_a["id"], name, peer)
+        done = d.wait_for(lambda: _finished(store, task4), 120, "a cycle after the outage", log=a.process)
+        assert done["state"] == "succeeded" and done["result"]["disks"][0]["result"]["data_blocks"] == 0, done
+    finally:
+        if store is not None:
+            store.close()
+        try:
+            if dom.isActive():
+                dom.destroy()
+            for cp in dom.listAllCheckpoints():
+                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            dom.undefine()
+        except libvirt.libvirtError:
+            pass

@@ -201,18 +201,22 @@ def _cfg(tmp_path: Path) -> AgentConfig:
 
 
 class _Api:
-    """A real HTTP server answering with a status chosen by the test."""
+    """A real HTTP server answering with a status chosen by the test; it records what it got."""
 
     def __init__(self) -> None:
         self.status = 200
+        self.cancel = False
+        self.got: list[tuple[float, str, Any]] = []
         api = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                api.got.append((time.monotonic(), self.path, json.loads(raw) if raw else None))
+                answer = {"cancel_requested": api.cancel} if self.path.endswith("/progress") else {"ok": True}
                 body = (json.dumps({"error": {"type": "NotFound", "message": "task 9 does not exist",
                                               "exit_code": 3}}) if api.status == 404
-                        else json.dumps({"ok": True}) if api.status == 200 else "boom")
+                        else json.dumps(answer) if api.status == 200 else "boom")
                 self.send_response(api.status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -271,3 +275,80 @@ def test_connection_refused_is_an_outage(tmp_path: Path) -> None:
         cp.call("POST", "/agent/tasks/claim", {"max": 2})
     assert cp.down_since is not None
     cp.close()
+
+
+# ---------------------------------------------------------------------------- a task's reports
+
+
+def _slow(env: TaskEnv, params: Any, progress: TaskProgress) -> dict[str, Any]:
+    """A task of the test: 2.5 s of work, bytes counted as it goes."""
+    progress.total_bytes = 100
+    for _ in range(50):
+        time.sleep(0.05)
+        progress.add_bytes(2)
+    return {"done": True, "cancel_seen": progress.cancel_requested}
+
+
+def test_progress_is_posted_at_most_once_a_second_then_the_result(
+        tmp_path: Path, api: _Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from standby.agent import tasks as tasks_mod
+    from standby.agent.runtime import AgentRuntime, RunningTask
+
+    monkeypatch.setitem(tasks_mod.DISPATCH, "slow", _slow)
+    cp = ControlPlane(_cfg(tmp_path), client_factory=lambda: ApiClient(api.url, timeout=5))
+    rt = AgentRuntime(_cfg(tmp_path), control_plane=cp)  # not started: no receiver, no loops
+    rt.env = TaskEnv(ReplicaStore(tmp_path / "replicas"), tmp_path / "state", _no_driver, _no_tls)
+    task = RunningTask({"id": 5, "kind": "slow", "params": {}})
+    rt._tasks[5] = task  # noqa: SLF001 - as claim() does
+    t0 = time.monotonic()
+    outcome = rt._run(task)  # noqa: SLF001
+    assert outcome.ok and outcome.result == {"done": True, "cancel_seen": False}
+    task.outcome = outcome  # as the worker does
+    assert rt._post_result(task)  # noqa: SLF001
+    posts = [(t - t0, path, body) for t, path, body in api.got]
+    progress = [p for p in posts if p[1].endswith("/tasks/5/progress")]
+    assert progress[0][2] == {"progress": 0, "message": "started", "bytes_done": 0}
+    gaps = [b[0] - a[0] for a, b in zip(progress, progress[1:], strict=False)]
+    assert 2 <= len(progress) <= 4 and all(g >= 0.95 for g in gaps), posts
+    done = [p[2]["bytes_done"] for p in progress]
+    assert done == sorted(done) and done[-1] > 0
+    assert posts[-1][1].endswith("/tasks/5/result") and posts[-1][2] == {"ok": True, "result": outcome.result}
+    assert 5 not in rt._tasks  # noqa: SLF001 - accepted: forgotten
+    cp.close()
+
+
+def test_a_cancel_before_the_start_is_honoured(tmp_path: Path, api: _Api) -> None:
+    from standby.agent.runtime import AgentRuntime, RunningTask
+
+    api.cancel = True
+    cp = ControlPlane(_cfg(tmp_path), client_factory=lambda: ApiClient(api.url, timeout=5))
+    rt = AgentRuntime(_cfg(tmp_path), control_plane=cp)
+    rt.env = TaskEnv(ReplicaStore(tmp_path / "replicas"), tmp_path / "state", _no_driver, _no_tls)
+    outcome = rt._run(RunningTask({"id": 6, "kind": "list_points", "params": {"disk_ids": ["d"]}}))  # noqa: SLF001
+    assert not outcome.ok and "cancelled" in (outcome.error or "")
+    cp.close()
+
+
+def test_claims_ask_for_held_tasks_plus_free_workers_and_skip_known_ones(tmp_path: Path) -> None:
+    """The control plane hands back the claimed, unfinished tasks first (up to max): the
+    agent asks for those it holds plus its free workers, and runs only new ones."""
+    from standby.agent.runtime import AgentRuntime, RunningTask
+
+    answers = [{"tasks": [{"id": 1, "kind": "list_points", "params": {}, "attempt": 1},
+                          {"id": 2, "kind": "list_points", "params": {}, "attempt": 1}]}]
+    asked: list[Any] = []
+
+    class Client:  # the control plane's answers, recorded (no network in this test)
+        def request(self, method: str, path: str, json: Any = None) -> Any:
+            asked.append(json)
+            return answers.pop(0)
+
+        def close(self) -> None:
+            pass
+
+    rt = AgentRuntime(_cfg(tmp_path), control_plane=ControlPlane(_cfg(tmp_path), client_factory=Client))
+    held = RunningTask({"id": 1, "kind": "cycle"})
+    rt._tasks[1] = held  # noqa: SLF001 - running here already
+    new = rt.claim()
+    assert asked == [{"max": 2}]  # 1 held + 1 free worker
+    assert [t.id for t in new] == [2]

@@ -76,7 +76,8 @@ def host_entry(cfg: AgentConfig, host: Host, vms: list[VmInfo], free: int,
     """The inventory's host: this agent's host with the VMs it owns."""
     owned = [v for v in vms if cfg.owns(v.name)]
     address = replication_ip(cfg.listen_host)
-    facts = host.model_dump(mode="json", exclude={"vms"}, exclude_none=True)
+    # defaults left out: what a KVM host does not report (Windows updates, roles) stays unsaid
+    facts = host.model_dump(mode="json", exclude={"vms"}, exclude_none=True, exclude_defaults=True)
     facts.update(reaches_control_plane=True, storage_free_gib=round(free / GIB, 2))
     if address is not None:
         facts["replication_address"] = address

@@ -506,16 +506,14 @@ class AgentRuntime:
         done = threading.Event()
 
         def reporter() -> None:
-            while not done.is_set():
-                rt.progress.changed.wait(self.progress_seconds)
-                if done.is_set():
-                    return
+            # A full interval after each post before the next: at most one a progress_seconds.
+            while not done.wait(self.progress_seconds):
                 if rt.progress.changed.is_set():
                     rt.progress.changed.clear()
                     self._post_progress(rt)
-                done.wait(self.progress_seconds)  # at most one progress post a second
 
         rt.progress.set(0, "started")
+        rt.progress.changed.clear()
         self._post_progress(rt)
         if rt.progress.cancel_requested:
             return Outcome(False, {}, "cancelled before it started", "Refused")
@@ -525,7 +523,6 @@ class AgentRuntime:
             return execute(self.env, rt.task, rt.progress)
         finally:
             done.set()
-            rt.progress.changed.set()
             t.join()
 
     def _worker(self) -> None:

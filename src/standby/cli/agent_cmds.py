@@ -35,6 +35,9 @@ agent_app = typer.Typer(help="The agent on each hypervisor host: replication rec
 def _logging() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: a heartbeat a few seconds and a claim a second
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _wait_for_signal() -> None:
