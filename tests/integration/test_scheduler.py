@@ -211,6 +211,42 @@ def test_an_integrity_failure_starts_a_resync_by_hash_scan(store: Store, tmp_pat
     assert ("resync_required", "item:vm0000") not in _open_alerts(store)
 
 
+def test_automatic_resyncs_stop_after_three_failures_in_a_row(store: Store, tmp_path: Path) -> None:
+    fab = _fabric(store)
+    sched = Scheduler(store, _settings(tmp_path))
+    t = 0.0
+    states = []
+    for _ in range(4):
+        assert sched.tick(at(t)).cycles_dispatched == 1
+        _run_cycle(store, sched, fab.primary_agent, claim_at=at(t + 1), done_at=at(t + 2), ok=False, result={},
+                   error="digest mismatch", error_type="IntegrityError")
+        item = _item(store, fab.item_ids[0])
+        states.append(item.state)
+        t = (item.next_cycle_at - T0).total_seconds() if item.next_cycle_at else t + 100
+    assert states == ["resynchronizing"] * 3 + ["resynchronization_required"]
+    item = _item(store, fab.item_ids[0])
+    assert item.next_cycle_at is None and "failed 3 times in a row" in (item.error or "")
+    assert sched.tick(at(t + 500)).cycles_dispatched == 0
+    assert ("resync_required", "item:vm0000") in _open_alerts(store)
+
+
+def test_a_cycle_that_was_not_a_hash_scan_does_not_complete_a_resync(store: Store, tmp_path: Path) -> None:
+    fab = _fabric(store)
+    sched = Scheduler(store, _settings(tmp_path))
+    sched.tick(at(0))  # an ordinary cycle is queued ...
+    with store.transaction() as s:  # ... then an operator asks for a resync
+        items.set_state(s, fab.item_ids[0], "resynchronizing")
+        items.update_details(s, fab.item_ids[0], force_hash_scan=True)
+    _run_cycle(store, sched, fab.primary_agent, claim_at=at(1), done_at=at(2), result=_ok_result(point_at=at(1)))
+    item = _item(store, fab.item_ids[0])
+    assert item.state == "resynchronizing" and item.details["force_hash_scan"] is True
+    assert item.last_recovery_point_at == at(1)  # the point itself is real
+    sched.tick(item.next_cycle_at)
+    with store.read() as s:
+        task = tasks.open_task_for_item(s, fab.item_ids[0], "cycle")
+        assert task is not None and task.params["force_hash_scan"] is True
+
+
 def test_an_expired_cycle_counts_as_a_failed_one(store: Store, tmp_path: Path) -> None:
     fab = _fabric(store)
     sched = Scheduler(store, _settings(tmp_path))

@@ -61,6 +61,8 @@ SENDER_TIMEOUT_SECONDS = 60  # the sender's I/O timeout in a cycle task (`replic
 FAILURE_BACKOFF_MAX = 30.0  # a failed cycle is retried after min(frequency, this)
 CONTINUOUS_FAILURE_BACKOFF = 10.0  # continuous replication retries a failed cycle after this
 MISSING_AGENT_RETRY = 30.0  # an item whose agents are missing is looked at again after this
+NOT_STARTED = "replication cycle not started"  # prefix of item.error when a cycle cannot be dispatched
+AUTO_RESYNCS = 3  # integrity failures in a row resynchronized automatically; then the operator decides
 DUE_BATCH = 500  # items dispatched per tick at most (the rest next tick)
 ALERT_CHUNK = 100  # alerts raised or cleared per transaction
 FINISHED_TASK_RETENTION = timedelta(days=1)
@@ -351,8 +353,9 @@ class Scheduler:
         elif not target.ok:
             problem = f"agent {target.name} on host {target_host} lost its heartbeat"
         if problem is not None:
-            item.error = f"replication cycle not started: {problem}"
+            item.error = f"{NOT_STARTED}: {problem}"
             item.next_cycle_at = now + timedelta(seconds=MISSING_AGENT_RETRY)
+            item.updated_at = now
             return None
         assert source is not None and target is not None
         policy = item.policy
@@ -516,7 +519,10 @@ class Scheduler:
         )
         details = dict(item.details or {})
         details["disk_ids"] = sorted(points)
-        details.pop("force_hash_scan", None)
+        scanned = bool(task.params.get("force_hash_scan"))
+        if scanned:  # a cycle queued before a resync was asked for does not count as one
+            details.pop("force_hash_scan", None)
+            details.pop("auto_resyncs", None)
         details.pop("failed_cycles", None)
         if task.params.get("consistency") == "app" or result.get("consistency") == "app":
             details["last_app_consistent_at"] = point_at.isoformat()
@@ -525,6 +531,8 @@ class Scheduler:
             State.RESYNCHRONIZING: Event.RESYNC_COMPLETED,
             State.REVERSE_REPLICATING: Event.REVERSE_REPLICATION_COMPLETED,
         }.get(_state(item.state))  # type: ignore[arg-type]
+        if event is Event.RESYNC_COMPLETED and not scanned:
+            event = None
         if event is not None:
             self._transition(s, item, event)
             if event is Event.RESYNC_COMPLETED:
@@ -583,8 +591,14 @@ class Scheduler:
             if state is not None and Event.CYCLE_FAILED_NEEDS_RESYNC in lifecycle.allowed_events(state):
                 details["resync_reason"] = error
                 self._transition(s, item, Event.CYCLE_FAILED_NEEDS_RESYNC)
-                # Start the resynchronization at once: the next cycle scans every block.
-                if Event.RESYNC_STARTED in lifecycle.allowed_events(State(item.state)):
+                # Start the resynchronization at once (the next cycle scans every block),
+                # unless automatic ones keep failing: then it waits for the operator.
+                tries = int(details.get("auto_resyncs", 0))
+                if tries >= AUTO_RESYNCS:
+                    error = (f"{error} (automatic resynchronization failed {tries} times in a row: "
+                             "resynchronize once the cause is fixed)")
+                elif Event.RESYNC_STARTED in lifecycle.allowed_events(State(item.state)):
+                    details["auto_resyncs"] = tries + 1
                     self._transition(s, item, Event.RESYNC_STARTED)
             item.error = error  # transitions reset the error field
         item.details = details
