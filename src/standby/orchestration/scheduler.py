@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, null, select, update
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from standby.domain import health as health_rules
@@ -387,7 +387,8 @@ class Scheduler:
                 ProtectedItem.health,
                 ProtectedItem.health_reason,
                 ProtectedItem.last_recovery_point_at,
-                ProtectedItem.details,
+                # details only where they matter (a forced resync): no JSON to parse for the rest
+                case((ProtectedItem.state == State.RESYNCHRONIZING.value, ProtectedItem.details), else_=null()),
                 Policy.copy_frequency_seconds,
                 Policy.rpo_alert_seconds,
                 Vm.name,
