@@ -14,6 +14,7 @@ the agent one "unreachable" and one "reachable again" log line.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -142,6 +143,14 @@ def _finished(store: Any, task_id: int) -> Any:
                 "attempt": t.attempt, "bytes_done": t.bytes_done}
 
 
+def _open_cycles(store: Any, agent_id: int) -> list[int]:
+    from standby.store.repo import tasks
+
+    with store.read() as s:
+        return [t.id for t in tasks.list_tasks(s, kind="cycle") if t.agent_id == agent_id
+                and t.state in ("queued", "claimed")]
+
+
 def _materialized(replicas: Path, disk_id: str, point: str, dest: Path) -> Any:
     disk = ReplicaStore(replicas).disk(disk_id)
     return disk, disk.materialize(point, dest)
@@ -169,7 +178,9 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         a = d.add_agent("host-a", cloud="primary", domains=[name])  # waits for a heartbeat
         b = d.add_agent("host-b", cloud="secondary", domains=["sbt-none-*"])
         api = d.client()
-        agent_a = api.get("/agents/host-a")
+        # registration counts as a first sign of life: wait for what the agent itself reports
+        agent_a = d.wait_for(lambda: (lambda ag: ag if "reported" in ag["facts"] else None)(
+            api.get("/agents/host-a")), 30, "host-a's first heartbeat", log=a.process)
         assert agent_a["heartbeat_ok"] and agent_a["last_heartbeat_at"] and agent_a["address"] == a.listen
         reported = agent_a["facts"]["reported"]
         assert reported["listen"] == a.listen and reported["domains"] == [name]
@@ -215,21 +226,42 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         disk_id = disk_id_for(name, "vda")
         replicas = b.data_dir / "replicas"
 
-        # a cycle of the running guest: the point holds every record acknowledged before it
+        # protection through the API: the scheduler hands cycles to host-a, points land on host-b;
+        # the point holds every record the guest acknowledged before protection was asked for
         console.wait_for(lambda c: c.acked() >= 5, 90, alive=dom.isActive)
         acked = console.acked()
-        task_id = _cycle_task(store, agent_a["id"], name, peer)
-        done = d.wait_for(lambda: _finished(store, task_id), 120, "the first cycle task", log=a.process)
-        assert done["state"] == "succeeded", done
-        res = done["result"]
-        assert res["completed"] and res["disks"][0]["kind"] == "seed" and res["bytes_sent"] > 0
-        point = res["points"][disk_id]
+        d.run_cli("policy", "create", "fast", "--copy-frequency", "continuous")
+        d.run_cli("pair", "primary", "secondary", "--policy", "fast")
+        out = json.loads(d.run_cli("protect", name, "--json", "--no-wait").stdout)
+        job = d.wait_job(out["job"]["id"], 300)
+        assert job["state"] == "succeeded", job
+        item = d.wait_for(lambda: (lambda i: i if i.get("last_recovery_point_id") else None)(d.item(name)), 60,
+                          "the first recovery point", log=d.server)
+        assert item["state"] == "protected"
+        point = item["last_recovery_point_id"]
         replica, overlay = _materialized(replicas, disk_id, point, tmp_path / "p1.qcow2")
         try:
             verdict = guest.verify_image(overlay)
         finally:
             replica.release(overlay)
-        assert verdict.ok and verdict.last is not None and verdict.last >= acked, verdict.line()
+        assert verdict.ok and verdict.last >= acked, verdict.line()
+        api.post(f"/items/{name}/pause")  # the scheduler stops; the tasks below are this test's
+        d.wait_for(lambda: d.item(name)["state"] == "paused", 30, "pause", log=d.server)
+        d.wait_for(lambda: not _open_cycles(store, agent_a["id"]), 60, "the last scheduled cycle to end")
+
+        # a cycle task of the running guest, queued as the scheduler does
+        acked = console.acked()
+        task_id = _cycle_task(store, agent_a["id"], name, peer)
+        done = d.wait_for(lambda: _finished(store, task_id), 120, "a cycle task", log=a.process)
+        assert done["state"] == "succeeded", done
+        res = done["result"]
+        assert res["completed"] and res["disks"][0]["kind"] == "extents" and res["bytes_sent"] > 0, res
+        replica, overlay = _materialized(replicas, disk_id, res["points"][disk_id], tmp_path / "p2.qcow2")
+        try:
+            verdict = guest.verify_image(overlay)
+        finally:
+            replica.release(overlay)
+        assert verdict.ok and verdict.last >= acked, verdict.line()
 
         # a task claimed by an agent that then died is run again by the restarted agent
         assert d.stop_agent("host-a") == 0
@@ -245,7 +277,7 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         task3 = _cycle_task(store, agent_a["id"], name, peer)
         done = d.wait_for(lambda: _finished(store, task3), 120, "the cycle of the stopped VM", log=a.process)
         assert done["state"] == "succeeded", done
-        replica, overlay = _materialized(replicas, disk_id, done["result"]["points"][disk_id], tmp_path / "p3.qcow2")
+        replica, overlay = _materialized(replicas, disk_id, done["result"]["points"][disk_id], tmp_path / "p4.qcow2")
         try:
             r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(overlay), str(disk)],
                                capture_output=True, text=True)
