@@ -18,7 +18,7 @@ class ServerSettings:
     db_url: str | None = None  # None: SQLite in data_dir
     listen: str = "127.0.0.1:8443"
     tick_seconds: float = 1.0  # scheduler period
-    heartbeat_seconds: float = 10.0  # what agents are told to use
+    heartbeat_seconds: float | None = None  # what agents are told to use (None: 10 s, or a third of the timeout)
     heartbeat_timeout: float = 30.0  # no heartbeat for this long: heartbeat_lost
     task_deadline_seconds: float = 3600.0  # a claimed task not finished by then expires
     runner_workers: int = 4
@@ -27,11 +27,14 @@ class ServerSettings:
     sans: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if self.heartbeat_seconds is None:
+            # Three heartbeats fit in the timeout, so one lost packet does not raise an alert.
+            object.__setattr__(self, "heartbeat_seconds", min(10.0, self.heartbeat_timeout / 3))
         for name in ("tick_seconds", "heartbeat_seconds", "heartbeat_timeout", "task_deadline_seconds",
                      "webhook_timeout"):
-            if not getattr(self, name) > 0:
+            if not getattr(self, name) > 0:  # type: ignore[operator]
                 raise BadInput(f"{name} must be positive, not {getattr(self, name)!r}")
-        if self.heartbeat_timeout < self.heartbeat_seconds:
+        if self.heartbeat_timeout < self.heartbeat_seconds:  # type: ignore[operator]
             raise BadInput("heartbeat_timeout must be at least heartbeat_seconds")
         if self.runner_workers < 1:
             raise BadInput("runner_workers must be at least 1")
