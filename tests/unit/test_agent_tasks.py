@@ -352,3 +352,22 @@ def test_claims_ask_for_held_tasks_plus_free_workers_and_skip_known_ones(tmp_pat
     new = rt.claim()
     assert asked == [{"max": 2}]  # 1 held + 1 free worker
     assert [t.id for t in new] == [2]
+
+
+def test_a_refusal_is_logged_when_it_starts_changes_and_ends(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from standby.agent.runtime import AgentRuntime
+
+    rt = AgentRuntime(_cfg(tmp_path))
+    caplog.set_level(logging.INFO, logger="standby.agent")
+    rt._refused("heartbeat", None)  # noqa: SLF001 - nothing to end
+    for msg in ("agent revoked", "agent revoked", "agent revoked", "libvirt down", "libvirt down"):
+        rt._refused("heartbeat", msg)  # noqa: SLF001
+    rt._refused("inventory", "libvirt down")  # noqa: SLF001 - its own loop
+    rt._refused("heartbeat", None)  # noqa: SLF001
+    rt._refused("heartbeat", None)  # noqa: SLF001
+    assert [r.getMessage() for r in caplog.records] == [
+        "heartbeat failed: agent revoked (retrying with backoff)",
+        "heartbeat failed: libvirt down (retrying with backoff)",
+        "inventory failed: libvirt down (retrying with backoff)",
+        "heartbeat: works again",
+    ]

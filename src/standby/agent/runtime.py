@@ -191,6 +191,7 @@ class AgentRuntime:
         self._driver_lock = threading.Lock()
         self._swept = False
         self._lock_fd: int | None = None
+        self._refusals: dict[str, str] = {}  # loop -> the refusal it last logged
         self._stop = threading.Event()
         self._inventory_now = threading.Event()
         self._queue: queue.Queue[RunningTask | None] = queue.Queue()
@@ -344,6 +345,19 @@ class AgentRuntime:
         """Sleep unless stopping; True when stopping."""
         return self._stop.wait(seconds)
 
+    def _refused(self, what: str, message: str | None) -> None:
+        """Log a refusal (revoked agent, libvirt down, a report the control plane rejects)
+        when it starts or changes, not at every retry; and its end."""
+        last = self._refusals.get(what)
+        if message == last:
+            return
+        if message is None:
+            self._refusals.pop(what, None)
+            log.info("%s: works again", what)
+        else:
+            self._refusals[what] = message
+            log.warning("%s failed: %s (retrying with backoff)", what, message)
+
     @staticmethod
     def _backoff(delay: float) -> float:
         return min(MAX_BACKOFF, max(1.0, delay * 2))
@@ -380,12 +394,13 @@ class AgentRuntime:
         while not self._stop.is_set():
             try:
                 self.heartbeat()
+                self._refused("heartbeat", None)
                 delay = 0.0
                 wait = self.heartbeat_seconds
             except ControlPlaneDown:
                 delay = wait = self._backoff(delay)
             except StandbyError as exc:
-                log.warning("heartbeat refused: %s", exc.message)
+                self._refused("heartbeat", exc.message)
                 delay = wait = self._backoff(delay)
             except Exception:  # noqa: BLE001 - a bug must not stop the heartbeats
                 log.exception("heartbeat failed")
@@ -409,12 +424,13 @@ class AgentRuntime:
                 if changed:
                     log.info("inventory synced: %s", ", ".join(f"{k} {', '.join(map(str, v))}"
                                                                 for k, v in changed.items()))
+                self._refused("inventory", None)
                 delay = 0.0
                 wait = self.inventory_seconds
             except ControlPlaneDown:
                 delay = wait = self._backoff(delay)
             except StandbyError as exc:  # libvirt down, or the control plane refused the report
-                log.warning("inventory not synced: %s", exc.message)
+                self._refused("inventory", exc.message)
                 delay = wait = self._backoff(delay)
             except Exception:  # noqa: BLE001
                 log.exception("inventory sync failed")
@@ -451,12 +467,13 @@ class AgentRuntime:
             try:
                 self._post_pending_results()
                 self.claim()
+                self._refused("claiming tasks", None)
                 delay = 0.0
                 wait = self.claim_seconds
             except ControlPlaneDown:
                 delay = wait = self._backoff(delay)
             except StandbyError as exc:
-                log.warning("claiming tasks refused: %s", exc.message)
+                self._refused("claiming tasks", exc.message)
                 delay = wait = self._backoff(delay)
             except Exception:  # noqa: BLE001
                 log.exception("claiming tasks failed")
