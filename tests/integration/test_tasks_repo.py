@@ -232,15 +232,18 @@ def test_migration_0002_over_a_populated_0001_store(empty_store_url: str) -> Non
 def test_enqueue_many_queues_all_with_one_deadline_or_none(store: Store) -> None:
     a, b = _agents(store)
     with store.transaction() as s:
-        made = tasks.enqueue_many(
+        n = tasks.enqueue_many(
             s,
             [tasks.NewTask(agent_id=a, kind="cycle", params={"i": 1}, item_id=None),
              tasks.NewTask(agent_id=b, kind="prune", params={"i": 2})],
             deadline_seconds=30,
             now=at(0),
         )
-        assert [t.kind for t in made] == ["cycle", "prune"] and all(t.deadline_at == at(30) for t in made)
-        assert tasks.enqueue_many(s, [], deadline_seconds=30) == []
+        assert n == 2 and tasks.enqueue_many(s, [], deadline_seconds=30) == 0
+        made = sorted(tasks.list_tasks(s), key=lambda t: t.id)
+        assert [(t.kind, t.agent_id, t.params, t.state) for t in made] == [
+            ("cycle", a, {"i": 1}, "queued"), ("prune", b, {"i": 2}, "queued")]
+        assert all(t.deadline_at == at(30) and t.created_at == at(0) and t.attempt == 0 for t in made)
     with pytest.raises(BadInput), store.transaction() as s:
         tasks.enqueue_many(
             s, [tasks.NewTask(agent_id=a, kind="ok", params={}), tasks.NewTask(agent_id=a, kind="BAD", params={})],

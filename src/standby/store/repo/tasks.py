@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from standby.errors import BadInput, NotFound
@@ -43,13 +43,19 @@ def enqueue(
     now: datetime | None = None,
 ) -> AgentTask:
     """Queue a task for an agent; it expires unless finished within `deadline_seconds`."""
-    (task,) = enqueue_many(
-        session,
-        [NewTask(agent_id=agent_id, kind=kind, params=params, item_id=item_id, job_id=job_id)],
-        deadline_seconds=deadline_seconds,
-        now=now,
-    )
+    _check(kind, deadline_seconds)
+    now = now_or(now)
+    task = AgentTask(**_row(NewTask(agent_id, kind, params, item_id, job_id), now, deadline_seconds))
+    session.add(task)
+    session.flush()
     return task
+
+
+def _check(kind: str, deadline_seconds: float) -> None:
+    if not _KIND.match(kind):
+        raise BadInput(f"task kind {kind!r} is not a lower-case identifier of up to 40 characters")
+    if not deadline_seconds > 0:
+        raise BadInput(f"a task's deadline must be in the future, not {deadline_seconds!r} s away")
 
 
 @dataclass(frozen=True)
@@ -63,36 +69,35 @@ class NewTask:
     job_id: int | None = None
 
 
+def _row(t: NewTask, now: datetime, deadline_seconds: float) -> dict[str, Any]:
+    return {
+        "agent_id": t.agent_id,
+        "kind": t.kind,
+        "params": dict(t.params),
+        "state": "queued",
+        "attempt": 0,
+        "progress": 0,
+        "message": "",
+        "item_id": t.item_id,
+        "job_id": t.job_id,
+        "created_at": now,
+        "deadline_at": now + timedelta(seconds=deadline_seconds),
+    }
+
+
 def enqueue_many(
     session: Session, new: Sequence[NewTask], *, deadline_seconds: float, now: datetime | None = None
-) -> list[AgentTask]:
-    """`enqueue` for many tasks with one flush (the scheduler queues hundreds a tick)."""
-    if not deadline_seconds > 0:
-        raise BadInput(f"a task's deadline must be in the future, not {deadline_seconds!r} s away")
-    now = now_or(now)
-    deadline = now + timedelta(seconds=deadline_seconds)
-    rows = []
+) -> int:
+    """`enqueue` for many tasks in one executemany (the scheduler queues hundreds a tick;
+    ORM inserts go one statement per row). Returns how many were queued; the rows are
+    not loaded into the session."""
     for t in new:
-        if not _KIND.match(t.kind):
-            raise BadInput(f"task kind {t.kind!r} is not a lower-case identifier of up to 40 characters")
-        rows.append(
-            AgentTask(
-                agent_id=t.agent_id,
-                kind=t.kind,
-                params=dict(t.params),
-                state="queued",
-                attempt=0,
-                progress=0,
-                message="",
-                item_id=t.item_id,
-                job_id=t.job_id,
-                created_at=now,
-                deadline_at=deadline,
-            )
-        )
-    session.add_all(rows)
-    session.flush()
-    return rows
+        _check(t.kind, deadline_seconds)
+    if not new:
+        return 0
+    now = now_or(now)
+    session.execute(insert(AgentTask), [_row(t, now, deadline_seconds) for t in new])
+    return len(new)
 
 
 def get(session: Session, task_id: int, *, lock: bool = False) -> AgentTask:
