@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from standby import __version__, errors
 from standby.errors import BadInput, RemoteError, StandbyError
+
+if TYPE_CHECKING:
+    # httpx is imported when a client is made: it costs half a second of start-up to every
+    # `standby` command otherwise, most of which never talk HTTP.
+    import httpx
 
 API_PREFIX = "/api/v1"
 DEFAULT_URL = "https://127.0.0.1:8443"
@@ -96,6 +99,8 @@ class ApiClient:
         self.ca = Path(ca) if ca else None
         self.cert = (Path(cert[0]), Path(cert[1])) if cert else None
         self.timeout = timeout
+        import httpx
+
         headers = {"Accept": "application/json", "User-Agent": f"standby/{__version__}"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -156,6 +161,8 @@ class ApiClient:
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         # None-valued params are left out, so callers can pass optional filters as they are.
         query = {k: _param(v) for k, v in (params or {}).items() if v is not None}
+        import httpx
+
         url = self.url(path)
         try:
             resp = self._http.request(method, path.lstrip("/"), json=json, params=query or None)
