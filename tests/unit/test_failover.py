@@ -592,3 +592,11 @@ def test_a_persisted_run_state_round_trips_and_a_foreign_one_is_refused() -> Non
     d["steps"] = d["steps"][:-1]
     with pytest.raises(BadInput, match="not this version's"):
         RunState.from_json(d)
+
+
+def test_the_recovery_page_lists_every_workflow_as_defined() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).parents[2] / "docs" / "recovery.md").read_text()
+    for kind in Kind:
+        assert describe(workflow(kind, FailoverOptions(shutdown_and_sync=True))) in page, kind

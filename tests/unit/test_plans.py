@@ -125,3 +125,14 @@ def test_plan_error_is_bad_input_with_the_problems_in_details() -> None:
     assert str(e.value).startswith("recovery plan p: invalid\n  - groups.0.pre.0.timeout_seconds")
     with pytest.raises(PlanError, match="recovery plan \\(unnamed\\)"):
         load_plan([])  # type: ignore[arg-type]
+
+
+def test_the_example_on_the_recovery_page_is_a_valid_plan() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    page = (Path(__file__).parents[2] / "docs" / "recovery.md").read_text()
+    block = page.split("## Recovery plans", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    plan = load_plan(yaml.safe_load(block))
+    assert [s.kind for s in expand(plan, T.PLANNED)][:2] == [StepKind.SHUTDOWN, StepKind.SHUTDOWN]

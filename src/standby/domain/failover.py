@@ -50,6 +50,7 @@ reference: a partitioned, still running source is what fencing at the site level
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -455,6 +456,13 @@ def workflow(kind: Kind | str, options: FailoverOptions | None = None) -> Workfl
     if kind in (Kind.TEST_FAILOVER, Kind.TEST_CLEANUP) and o.network is TestNetwork.EXISTING \
             and not (o.network_name or "").strip():
         raise BadInput("network_name: an existing network must be named for the test VM")
+    return _workflow(kind, o)
+
+
+@functools.lru_cache(maxsize=256)
+def _workflow(kind: Kind, o: FailoverOptions) -> Workflow:
+    # Frozen all the way down, so one instance serves every job (a runner rebuilds the
+    # workflow from the job's rows at every step).
     source, target, build = _BUILD[kind]
     return Workflow(kind, source, target, build(o), o)
 
