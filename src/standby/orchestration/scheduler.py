@@ -271,7 +271,13 @@ class Scheduler:
             expired = tasks.expire(s, now)
             report.tasks_expired = len(expired)
             for task in expired:
-                self.apply_task_result(s, task, now)
+                # A result that cannot be applied must not undo the expiry of the others
+                # (they would expire, fail and roll back again every tick).
+                try:
+                    with s.begin_nested():
+                        self.apply_task_result(s, task, now)
+                except Exception:  # noqa: BLE001
+                    log.exception("task %s expired; applying it to item %s failed", task.id, task.item_id)
 
     # ------------------------------------------------------------ 3. dispatch
 
