@@ -192,6 +192,7 @@ class AgentRuntime:
         self._swept = False
         self._lock_fd: int | None = None
         self._refusals: dict[str, str] = {}  # loop -> the refusal it last logged
+        self._closed = False  # stop() closed the control-plane clients
         self._stop = threading.Event()
         self._inventory_now = threading.Event()
         self._queue: queue.Queue[RunningTask | None] = queue.Queue()
@@ -318,6 +319,7 @@ class AgentRuntime:
                         len(left), ", ".join(f"{rt.id} {rt.task.get('kind')}" for rt in left))
         else:
             self._post_pending_results()  # last try for results the control plane has not taken yet
+        self._closed = True
         self.cp.close()
         with self._driver_lock:
             if self._driver is not None and not left:  # a running task may still use it
@@ -560,4 +562,9 @@ class AgentRuntime:
                             outcome.error_type, outcome.error)
                 if outcome.error_type == NotFound.__name__ and rt.task.get("kind") in ("cycle", "seed_export"):
                     self.sync_inventory_soon()  # the VM may be gone: tell the control plane
-            self._post_result(rt)
+            if self._stop.is_set() and self._closed:
+                return  # finished after the stop's grace: the next start gets the task again
+            try:
+                self._post_result(rt)
+            except Exception:  # noqa: BLE001 - the clients were closed under us by stop()
+                log.debug("result of task %d not posted", rt.id, exc_info=True)
