@@ -1,0 +1,998 @@
+#!/usr/bin/env python
+"""Benchmark of the control plane at scale (issue 5): 5,000 simulated protected items on
+SQLite and on PostgreSQL, API latency under load and the scheduler's CPU per 100 items.
+
+    .venv/bin/python bench/control_plane.py [--json] [--items N] [--backend sqlite|postgresql|both] [--quick]
+
+What is real and what is simulated. The control plane is the real one: a data dir made by
+`standby.api.server.init_data_dir`, and `serve()` (the HTTPS API under uvicorn, client
+certificates, the store, the services) in its own process, on a SQLite store in a
+temporary data dir and on a throwaway PostgreSQL cluster (`standby.testing.postgres`).
+The scheduler is the real `Scheduler(store, settings).tick()`, run by this process every
+`tick_seconds` (1 s) so that its CPU can be measured per tick (`time.thread_time` of the
+ticking thread); the server's own scheduler is given a period longer than the run. The
+agents are simulated: `ScriptedAgentDouble` is a scripted test double of `standby agent
+run` (5,000 real VMs cannot run on 2 cores). It registers over the real API (registration
+key, CSR, the certificate it is issued), reports an inventory (PUT /agent/inventory, again
+every 60 s as the real agent does), heartbeats, claims tasks with its client certificate
+about every second (4 at a time, again at once while full batches come back) and answers
+each at once with a well-formed result of the real agent's shape (a cycle:
+`VmCycleResult.as_dict()` plus points, point_at and bytes_sent), so the scheduler
+dispatches real tasks and the API applies real results. Doubles run on threads of a
+separate load process, with the operator clients, so that they do not share a GIL with
+the ticks.
+
+Population: `--items` (default 5,000) VMs on `--items / 50` primary hosts and as many
+secondary hosts, one double per host; a policy (POST /policies: copy frequency
+`--copy-frequency`, default 300 s, the policy default; latest point only) and a pairing
+(POST /pairings). Protected items are created in bulk through `store.repo.items.create`
+(protected, with a recovery point, first cycles spread over one copy period): POST /items
+runs a readiness check and a protect job per VM, which at this scale would take longer
+than the rest of the run (the output says so under "items_created_via").
+
+Each repetition (`--reps`, default 3): after a warm-up, `--clients` (8) operator threads
+send at least `--requests` (2,000) reads and go on for at least `--min-window` seconds:
+GET /status, GET /items?limit=100, GET /items/{ref}, GET /jobs?limit=50, GET
+/alerts?open=true (weights 15, 25, 35, 15, 10). Every request in that window is timed at
+the client (keep-alive HTTPS connections, handshakes outside the timings): the operator
+reads and the doubles' heartbeat, claim, result and inventory calls. An API whose GET
+/items ignores `limit` lists every item on each such call: it is then timed once
+(items_list_probe_ms) and left out of the mix (operator_mix says what ran). After each
+window the scheduler stops, the doubles answer what they hold, and the run checks that
+every cycle dispatched was applied (the items' replicated bytes add up to the results'
+bytes_sent). Then a burst (`--no-burst` skips it): every item due at once, timed until
+all of their cycles are dispatched and applied: the control plane's cycle capacity.
+
+Figures per backend (medians over the repetitions): api_p50_ms, api_p95_ms, api_p99_ms
+(every request in the window), operator_p99_ms, agent_p99_ms, api_requests_per_s,
+by_endpoint ({name: {n, p50_ms, p99_ms}}, of the middle repetition),
+scheduler_tick_cpu_ms and scheduler_tick_wall_ms (median tick),
+scheduler_cpu_ms_per_100_items (median tick CPU / (items / 100)),
+scheduler_ticks_per_s_capacity (1 / median tick wall time), scheduler_cpu_fraction (tick
+CPU / window), cycles_due_per_s (items / copy frequency), cycles_dispatched_per_s,
+cycles_applied_per_s, cycle_burst_per_s, cycle_burst_s, cycle_burst_complete;
+cycles_dispatched, cycles_applied, cycle_tasks_by_state, all_cycles_applied, http_errors;
+populate_s, inventory_put_ms; items_list_paged, items_list_probe_count,
+items_list_probe_ms, operator_mix; runs (each repetition's figures). Top level: items,
+hosts, agents, items_created_via, params (with the load average at the start and the end:
+other work on the machine shows there), and `<backend>_error` when a backend could not
+run. The bench reports; it does not assert. Everything it creates (temp dirs, processes,
+the PostgreSQL cluster) is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import httpx  # noqa: E402
+
+from standby.replication import tls  # noqa: E402
+
+API = "/api/v1"
+VMS_PER_HOST = 50
+SERVER_TICK_SECONDS = 86400.0  # the server's own scheduler: this process ticks instead
+CYCLE_BYTES = 1 << 20  # bytes_sent of every simulated cycle: applied cycles = sum(bytes_replicated) / this
+CLAIM_MAX = 4  # tasks asked for per claim (the contract's example)
+OPERATOR_MIX = [("status", 15), ("items_page", 25), ("item", 35), ("jobs", 15), ("alerts", 10)]
+SITE_A, SITE_B = "bench-site-a", "bench-site-b"
+SERVER_A, SERVER_B = "bench-mgr-a", "bench-mgr-b"
+CLOUD_A, CLOUD_B = "bench-primary", "bench-secondary"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of xs."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timings:
+    """Client-side request timings: (name, wall start, seconds, HTTP status)."""
+
+    rows: list[tuple[str, float, float, int]] = field(default_factory=list)
+
+    def timed(self, name: str, fn: Callable[[], httpx.Response]) -> httpx.Response:
+        t0 = time.time()
+        p0 = time.perf_counter()
+        try:
+            r = fn()
+        except httpx.HTTPError as e:  # a timeout, a dropped connection: counted, status 599
+            self.rows.append((name, t0, time.perf_counter() - p0, 599))
+            raise Transient(f"{name}: {type(e).__name__}: {e}") from e
+        self.rows.append((name, t0, time.perf_counter() - p0, r.status_code))
+        return r
+
+
+class Transient(Exception):
+    """A request the control plane did not answer (5xx, timeout): the doubles try again at
+    their next poll, as the real agent does; the run counts these in http_errors."""
+
+
+def _check(r: httpx.Response, what: str) -> Any:
+    if r.status_code >= 500:
+        raise Transient(f"{what}: HTTP {r.status_code}: {r.text[:300]}")
+    if r.status_code >= 400:
+        raise RuntimeError(f"{what}: HTTP {r.status_code}: {r.text[:500]}")
+    return r.json() if r.content else None
+
+
+def _ctx(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
+
+
+# ---------------------------------------------------------------------------- the agent double
+
+
+class ScriptedAgentDouble:
+    """A scripted test double of one agent (`standby agent run` on one host).
+
+    It stands in for the real agent because 5,000 real VMs cannot run on this 2-core
+    machine: it speaks the real agent API over HTTPS with a certificate the control
+    plane issued to it (registration with a key and a CSR), reports a made-up inventory,
+    heartbeats, claims its tasks and answers them at once with well-formed results (the
+    real agent's result shapes, docs/control-plane.md "Tasks"); it never replicates a
+    byte. Not thread-safe: one thread drives a double at a time."""
+
+    def __init__(self, name: str, *, role: str, base_url: str, ca: Path, workdir: Path, vms: int = 0) -> None:
+        self.name = name
+        self.vms = vms
+        self.host = name
+        self.role = role  # "primary" or "secondary"
+        self.cloud = CLOUD_A if role == "primary" else CLOUD_B
+        self.site = SITE_A if role == "primary" else SITE_B
+        self.server = SERVER_A if role == "primary" else SERVER_B
+        self.base_url = base_url
+        self.ca = ca
+        self.dir = workdir / name
+        self.address = f"127.0.0.1:{7443}"
+        self.client: httpx.Client | None = None
+        self.heartbeat_seconds = 10.0
+        self.next_heartbeat = 0.0
+        self.next_poll = 0.0
+        self.next_inventory = 0.0
+        self.answered: dict[str, int] = {}
+        self.bytes_reported = 0
+
+    # -- registration (the real path: key + CSR, the private key stays here)
+
+    def register(self, key: str, timings: Timings | None = None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key_pem, csr_pem = tls.make_key_and_csr(self.name)
+        body = {"key": key, "name": self.name, "kind": "agent", "host": self.host, "site": self.site,
+                "server": self.server, "cloud": self.cloud, "address": self.address,
+                "csr_pem": csr_pem.decode(), "version": "0.1.0"}
+        with httpx.Client(base_url=self.base_url, verify=_ctx(self.ca), timeout=60) as c:
+            r = c.post(f"{API}/agents/register", json=body)
+        out = _check(r, f"register {self.name}")
+        (self.dir / "agent.key").write_bytes(key_pem)
+        (self.dir / "agent.crt").write_text(out["cert_pem"])
+        self.heartbeat_seconds = float(out.get("heartbeat_seconds") or 10.0)
+
+    def connect(self) -> None:
+        self.client = httpx.Client(base_url=self.base_url, timeout=60,
+                                   verify=_ctx(self.ca, self.dir / "agent.crt", self.dir / "agent.key"))
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # -- what `standby agent run` sends
+
+    def inventory_body(self, vms: int) -> dict[str, Any]:
+        vm_rows = []
+        for j in range(vms):
+            vm = vm_name(self.host, j)
+            vm_rows.append({
+                "name": vm, "uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"standby-bench/{vm}")),
+                "power_state": "running",
+                "disks": {"vda": {"format": "qcow2", "size_gib": 20, "kind": "virtual"}},
+                "nics": [{"network": "bench-net", "address_families": ["ipv4"]}],
+            })
+        host = {"name": self.host, "platform": "kvm", "host_group": None, "replication_address": self.address,
+                "storage_free_bytes": 4 << 40, "facts": {"libvirt_version": "9.0.0", "qemu_version": "7.2.0"},
+                "vms": vm_rows}
+        return {"hosts": [host]}
+
+    def put_inventory(self, t: Timings) -> Any:
+        assert self.client is not None
+        body = self.inventory_body(self.vms)
+        return _check(t.timed("inventory", lambda: self.client.put(f"{API}/agent/inventory",  # type: ignore[union-attr]
+                                                                    json=body)), f"inventory of {self.name}")
+
+    def heartbeat(self, t: Timings) -> None:
+        assert self.client is not None
+        body = {"version": "0.1.0", "storage_free_bytes": 4 << 40, "storage_total_bytes": 8 << 40, "facts": {}}
+        c = self.client
+        out = _check(t.timed("heartbeat", lambda: c.post(f"{API}/agent/heartbeat", json=body)),
+                     f"heartbeat of {self.name}")
+        self.heartbeat_seconds = float(out.get("heartbeat_seconds") or self.heartbeat_seconds)
+        self.next_heartbeat = time.monotonic() + self.heartbeat_seconds
+
+    def poll(self, t: Timings, max_tasks: int = CLAIM_MAX) -> int:
+        """Claim tasks and answer each at once, again while full batches come back (the
+        real agent claims again as soon as a worker is free); how many were answered."""
+        assert self.client is not None
+        n = 0
+        while True:
+            out = _check(t.timed("claim", lambda: self.client.post(  # type: ignore[union-attr]
+                f"{API}/agent/tasks/claim", json={"max": max_tasks})), f"claim of {self.name}")
+            tasks = out["tasks"]
+            for task in tasks:
+                body = self.answer(task)
+                _check(t.timed("result", lambda: self.client.post(  # type: ignore[union-attr]
+                    f"{API}/agent/tasks/{task['id']}/result", json=body)), f"result of task {task['id']}")
+                self.answered[task["kind"]] = self.answered.get(task["kind"], 0) + 1
+            n += len(tasks)
+            if len(tasks) < max_tasks:
+                return n
+
+    # -- scripted answers
+
+    def answer(self, task: dict[str, Any]) -> dict[str, Any]:
+        kind, params = task["kind"], task.get("params") or {}
+        if kind == "cycle":
+            self.bytes_reported += CYCLE_BYTES
+            return {"ok": True, "result": cycle_result(params, task["id"])}
+        if kind == "prune":
+            return {"ok": True, "result": {"removed": {d: [] for d in params.get("disk_ids", [])}}}
+        if kind == "delete_replica":
+            return {"ok": True, "result": {"deleted": list(params.get("disk_ids", []))}}
+        if kind == "list_points":
+            return {"ok": True, "result": {"points": {d: [] for d in params.get("disk_ids", [])}}}
+        if kind in ("seed_export", "seed_import"):
+            return {"ok": True, "result": {"bytes": 0}}
+        return {"ok": False, "result": {}, "error": f"the bench's agent double does not do {kind!r} tasks",
+                "error_type": "Refused"}
+
+
+def vm_name(host: str, j: int) -> str:
+    return f"{host}-vm{j:03d}"
+
+
+def cycle_result(params: dict[str, Any], task_id: int) -> dict[str, Any]:
+    """What the real agent returns for a cycle (standby.agent.tasks: `VmCycleResult.as_dict()`
+    plus points, point_at, bytes_sent), built from the real result classes: one disk (vda),
+    an incremental cycle of CYCLE_BYTES on the wire."""
+    from standby.orchestration.replicate import DiskCycle, VmCycleResult, disk_id_for
+    from standby.replication.sender import CycleResult
+
+    vm = str(params.get("vm", "?"))
+    disk_id = disk_id_for(vm, "vda")
+    point = f"p{task_id:012d}"
+    cr = CycleResult(disk_id=disk_id, kind="extents", point_id=point, point_seq=task_id, base_point=None,
+                     cycle_id=f"c{task_id}", resumed=False, digest="0" * 32, size=20 << 30, streams=1,
+                     bytes_examined=CYCLE_BYTES, bytes_read=CYCLE_BYTES, wire_bytes=CYCLE_BYTES,
+                     payload_bytes=CYCLE_BYTES, data_blocks=CYCLE_BYTES >> 16, zero_blocks=0, skipped_blocks=0,
+                     resumed_blocks=0, baseline_from="point", seconds=0.001)
+    res = VmCycleResult(vm=vm, checkpoint=f"standby-{task_id}", base_checkpoint=None,
+                        consistency=str(params.get("consistency", "crash")).replace("auto", "crash"),
+                        completed=True, seconds=0.001, disks=[DiskCycle("vda", disk_id, "extents", None, cr)], notes=[])
+    out = res.as_dict()
+    out["points"] = {disk_id: point}
+    out["point_at"] = iso(time.time())
+    out["bytes_sent"] = CYCLE_BYTES
+    return out
+
+
+# ---------------------------------------------------------------------------- load (child process)
+
+
+def load_main(cfg_path: str) -> None:
+    """The load generator (its own process, so that its threads do not share a GIL with the
+    scheduler): the doubles' driver threads and the operator clients. Reads its config
+    from a JSON file, writes its timings to cfg["out"]. Phases, signalled with files:
+    warm up for cfg["warmup_s"], then the window (operator requests until cfg["requests"]
+    are done; the doubles keep polling), then `window.done` is written; the doubles keep
+    answering until `drain` appears and a whole round of claims returns nothing."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    work = Path(cfg["workdir"])
+    ca = Path(cfg["ca"])
+    doubles = [ScriptedAgentDouble(n, role=r, base_url=cfg["url"], ca=ca, workdir=work, vms=v)
+               for n, r, v in cfg["agents"]]
+    for d in doubles:
+        d.connect()
+    stop = threading.Event()
+    drain = threading.Event()
+    idle_rounds = [0] * cfg["double_threads"]
+    t_doubles = [Timings() for _ in range(cfg["double_threads"])]
+    errors: list[str] = []
+    transient: list[str] = []
+    rnd = random.Random(cfg["seed"])
+    for d in doubles:  # spread the first polls, heartbeats and inventories over their periods
+        d.next_poll = time.monotonic() + rnd.random() * cfg["poll_seconds"]
+        d.next_heartbeat = time.monotonic() + rnd.random() * d.heartbeat_seconds
+        d.next_inventory = time.monotonic() + rnd.random() * cfg["inventory_seconds"]
+
+    def drive(k: int) -> None:
+        mine = doubles[k :: cfg["double_threads"]]
+        t = t_doubles[k]
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                answered = 0
+                for d in mine:
+                    try:
+                        if now >= d.next_heartbeat:
+                            d.next_heartbeat = now + d.heartbeat_seconds
+                            d.heartbeat(t)
+                        if now >= d.next_inventory and not drain.is_set():
+                            d.next_inventory = now + cfg["inventory_seconds"]
+                            d.put_inventory(t)
+                        if now >= d.next_poll or drain.is_set():
+                            d.next_poll = now + cfg["poll_seconds"]
+                            answered += d.poll(t)
+                    except Transient as e:
+                        transient.append(str(e))
+                        answered += 1  # not idle: what it held is handed back at its next claim
+                if drain.is_set():
+                    idle_rounds[k] = idle_rounds[k] + 1 if answered == 0 else 0
+                    continue
+                nxt = min(min(d.next_poll, d.next_heartbeat, d.next_inventory) for d in mine)
+                time.sleep(max(0.0, min(0.2, nxt - time.monotonic())))
+        except Exception:  # noqa: BLE001 - reported to the parent
+            errors.append(traceback.format_exc())
+
+    drivers = [threading.Thread(target=drive, args=(k,), daemon=True) for k in range(cfg["double_threads"])]
+    for th in drivers:
+        th.start()
+    time.sleep(cfg["warmup_s"])
+
+    # -- the window: operator reads
+    token = cfg["token"]
+    refs = cfg["item_refs"]
+    mix = [(n, w) for n, w in OPERATOR_MIX if n in cfg["mix"]]
+    names = [n for n, _ in mix]
+    weights = [w for _, w in mix]
+    per_client = [cfg["requests"] // cfg["clients"] + (1 if i < cfg["requests"] % cfg["clients"] else 0)
+                  for i in range(cfg["clients"])]
+    t_ops = [Timings() for _ in range(cfg["clients"])]
+    listed: list[int] = []  # items per GET /items?limit=100 (does the API page?)
+
+    def operator(i: int) -> None:
+        r = random.Random(cfg["seed"] * 1000 + i)
+        t = t_ops[i]
+        try:
+            with httpx.Client(base_url=cfg["url"], verify=_ctx(ca), timeout=60,
+                              headers={"Authorization": f"Bearer {token}"}) as c:
+                c.get(f"{API}/health")  # the TLS handshake, outside the timings
+                done = 0
+                while done < per_client[i] or time.time() - w0 < cfg["min_window_s"]:
+                    done += 1
+                    what = r.choices(names, weights)[0]
+                    if what == "status":
+                        resp = t.timed(what, lambda: c.get(f"{API}/status"))
+                    elif what == "items_page":
+                        resp = t.timed(what, lambda: c.get(f"{API}/items", params={"limit": 100}))
+                        if resp.status_code == 200:
+                            listed.append(len(resp.json()["items"]))
+                    elif what == "item":
+                        ref = r.choice(refs)
+                        resp = t.timed(what, lambda: c.get(f"{API}/items/{ref}"))
+                    elif what == "jobs":
+                        resp = t.timed(what, lambda: c.get(f"{API}/jobs", params={"limit": 50}))
+                    else:
+                        resp = t.timed(what, lambda: c.get(f"{API}/alerts", params={"open": "true"}))
+                    if resp.status_code >= 400:
+                        raise RuntimeError(f"GET {what}: HTTP {resp.status_code}: {resp.text[:300]}")
+        except Exception:  # noqa: BLE001
+            errors.append(traceback.format_exc())
+
+    (work / "window.start").write_text("")
+    w0 = time.time()
+    ops = [threading.Thread(target=operator, args=(i,)) for i in range(cfg["clients"])]
+    for th in ops:
+        th.start()
+    for th in ops:
+        th.join()
+    w1 = time.time()
+    (work / "window.done").write_text(json.dumps({"start": w0, "end": w1}))
+
+    # -- drain: answer what the scheduler dispatched, until it stopped and nothing is left
+    deadline = time.monotonic() + cfg["drain_timeout_s"]
+    while not (work / "drain").exists() and time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
+    drain.set()
+    while time.monotonic() < deadline and not errors and min(idle_rounds) < 2:
+        time.sleep(0.05)
+    stop.set()
+    for th in drivers:
+        th.join(30)
+    for d in doubles:
+        d.close()
+    rows = [row for t in t_ops + t_doubles for row in t.rows]
+    Path(cfg["out"]).write_text(json.dumps({
+        "window": [w0, w1], "rows": rows, "errors": errors, "transient": transient[:20],
+        "answered": {k: sum(d.answered.get(k, 0) for d in doubles) for k in {"cycle", "prune", "delete_replica",
+                                                                                "list_points"}},
+        "bytes_reported": sum(d.bytes_reported for d in doubles),
+        "drained": min(idle_rounds) >= 2,
+        "items_listed": max(listed) if listed else None,
+    }))
+
+
+# ---------------------------------------------------------------------------- the control plane under test
+
+
+class ControlPlane:
+    """A real control plane: `standby server init` + `standby server run` (a subprocess)."""
+
+    def __init__(self, workdir: Path, db_url: str | None) -> None:
+        from standby.demo.local import free_port
+
+        self.workdir = workdir
+        self.data_dir = workdir / "control-plane"
+        self.db_url = db_url
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "server.log"
+
+    @property
+    def ca(self) -> Path:
+        return self.data_dir / "ca" / "ca.crt"
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def settings(self, tick_seconds: float = 1.0) -> Any:
+        from standby.orchestration.settings import ServerSettings
+
+        return ServerSettings(data_dir=self.data_dir, db_url=self.db_url, listen=f"127.0.0.1:{self.port}",
+                              tick_seconds=tick_seconds)
+
+    def init(self) -> None:
+        from standby.api.server import init_data_dir
+
+        init_data_dir(self.settings())
+
+    def start(self, timeout: float = 60.0) -> None:
+        # `standby.api.server.serve` in a process of its own (the `_server` mode of this
+        # file). Its scheduler ticks once a day: this process runs (and measures) the ticks.
+        argv = [sys.executable, str(Path(__file__).resolve()), "_server", str(self.data_dir)]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, verify=_ctx(self.ca), timeout=5) as c:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the control plane exited ({self.proc.returncode}):\n{self.tail()}")
+                try:
+                    if c.get(f"{API}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the control plane did not answer in {timeout:.0f} s:\n{self.tail()}")
+                time.sleep(0.2)
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        p = self.proc
+        if p is None:
+            return
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(10)
+        self.proc = None
+
+
+# ---------------------------------------------------------------------------- one backend
+
+
+class BackendRun:
+    def __init__(self, args: argparse.Namespace, backend: str, workdir: Path, db_url: str | None) -> None:
+        self.a = args
+        self.backend = backend
+        self.workdir = workdir
+        self.cp = ControlPlane(workdir, db_url)
+        self.store: Any = None
+        self.doubles: list[ScriptedAgentDouble] = []
+        self.item_refs: list[str] = []
+        self.n_items = 0
+        self.mix = [n for n, _ in OPERATOR_MIX]
+
+    # -- population
+
+    def populate(self) -> dict[str, Any]:
+        a = self.a
+        t0 = time.perf_counter()
+        self.cp.init()
+        self.cp.start()
+        from standby.store import open_store
+
+        self.store = open_store(self.cp.settings().url)
+        hosts = max(1, -(-a.items // VMS_PER_HOST))
+        op = httpx.Client(base_url=self.cp.url, verify=_ctx(self.cp.ca), timeout=60,
+                          headers={"Authorization": f"Bearer {self.cp.token}"})
+        try:
+            key = _check(op.post(f"{API}/registration-keys", json={"description": "bench doubles", "valid_days": 1}),
+                         "registration key")["key"]
+            agents_dir = self.workdir / "agents"
+            for i in range(hosts):
+                for role, prefix in (("primary", "bench-a"), ("secondary", "bench-b")):
+                    self.doubles.append(ScriptedAgentDouble(f"{prefix}{i:03d}", role=role, base_url=self.cp.url,
+                                                            ca=self.cp.ca, workdir=agents_dir))
+            # Agents register concurrently, as a fleet being installed does.
+            with ThreadPoolExecutor(a.clients) as pool:
+                list(pool.map(lambda d: d.register(key), self.doubles))
+            log(f"{self.backend}: {len(self.doubles)} agent doubles registered ({time.perf_counter() - t0:.1f} s)")
+            t = Timings()
+            left = a.items
+            for d in self.doubles:
+                d.connect()
+                d.vms = min(VMS_PER_HOST, left) if d.role == "primary" else 0
+                left -= d.vms
+                d.put_inventory(t)
+                d.heartbeat(t)
+                d.close()
+            inv_ms = [row[2] * 1000 for row in t.rows if row[0] == "inventory"]
+            log(f"{self.backend}: inventory of {a.items} VMs reported (PUT /agent/inventory median "
+                f"{med(inv_ms):.0f} ms) ({time.perf_counter() - t0:.1f} s)")
+            _check(op.post(f"{API}/policies", json={"name": "bench", "copy_frequency_seconds": a.copy_frequency,
+                                                    "recovery_point_retention_hours": 0}), "policy")
+            pairing = _check(op.post(f"{API}/pairings", json={"primary_cloud": CLOUD_A, "secondary_cloud": CLOUD_B,
+                                                               "policy": "bench"}), "pairing")
+            self.n_items = self._create_items(pairing["id"], hosts)
+            for d in self.doubles:  # populating may have taken longer than the heartbeat timeout
+                d.connect()
+                d.heartbeat(t)
+                d.close()
+            log(f"{self.backend}: {self.n_items} protected items created ({time.perf_counter() - t0:.1f} s)")
+        finally:
+            op.close()
+        return {"populate_s": round(time.perf_counter() - t0, 2), "inventory_put_ms": round(med(inv_ms), 1)}
+
+    def _create_items(self, pairing_id: int, hosts: int) -> int:
+        from sqlalchemy import select
+
+        from standby.orchestration.replicate import disk_id_for
+        from standby.store.models import Host, Policy, Vm
+        from standby.store.repo import items
+
+        now = datetime.now(UTC)
+        period = max(self.a.copy_frequency, 1)
+        rnd = random.Random(self.a.seed)
+        with self.store.transaction() as s:
+            policy_id = s.scalars(select(Policy.id).where(Policy.name == "bench")).one()
+            host_ids = dict(s.execute(select(Host.name, Host.id)).all())
+            vms = s.execute(select(Vm.id, Vm.name, Host.name).join(Host, Host.id == Vm.host_id)
+                            .where(Host.name.like("bench-a%")).order_by(Vm.id)).all()
+            n = 0
+            for vm_id, vm, host in vms:
+                secondary = host_ids["bench-b" + host[len("bench-a"):]]
+                item = items.create(s, vm_id=vm_id, pairing_id=pairing_id, policy_id=policy_id, state="protected",
+                                    secondary_host_id=secondary, details={"disk_ids": [disk_id_for(vm, "vda")]},
+                                    next_cycle_at=now + timedelta(seconds=rnd.random() * period), now=now)
+                item.last_recovery_point_id = "p-seed"
+                item.last_recovery_point_at = now
+                item.rpo_seconds = 0.0
+                item.last_cycle_at = now
+                self.item_refs.append(vm)
+                n += 1
+        return n
+
+    def probe_item_list(self) -> dict[str, Any]:
+        """GET /items?limit=100 once. An API that ignores the limit lists every item on every
+        such request (at 5,000 items, seconds each): then the load leaves it out (said in
+        the output), or the windows would time that one request and little else."""
+        with httpx.Client(base_url=self.cp.url, verify=_ctx(self.cp.ca), timeout=600,
+                          headers={"Authorization": f"Bearer {self.cp.token}"}) as c:
+            c.get(f"{API}/health")
+            t0 = time.perf_counter()
+            r = c.get(f"{API}/items", params={"limit": 100})
+            ms = (time.perf_counter() - t0) * 1000
+        listed = len(_check(r, "GET /items")["items"])
+        paged = listed <= 100
+        if not paged:
+            self.mix = [n for n in self.mix if n != "items_page"]
+            log(f"{self.backend}: GET /items ignores ?limit=100 (it listed {listed} items in {ms:.0f} ms): "
+                "left out of the operator mix")
+        return {"items_list_paged": paged, "items_list_probe_count": listed, "items_list_probe_ms": round(ms, 1)}
+
+    # -- counters in the store
+
+    def counters(self) -> dict[str, int]:
+        from sqlalchemy import func, select
+
+        from standby.store.models import ProtectedItem
+
+        with self.store.read() as s:
+            replicated = int(s.scalar(select(func.coalesce(func.sum(ProtectedItem.bytes_replicated), 0))) or 0)
+            tasks = dict(s.execute(select(_task_model().state, func.count()).where(_task_model().kind == "cycle")
+                                   .group_by(_task_model().state)).all())
+        return {"applied": replicated // CYCLE_BYTES, "dispatched": sum(tasks.values()),
+                **{f"tasks_{k}": int(v) for k, v in tasks.items()}}
+
+    # -- the load process
+
+    def start_load(self, work: Path, **phase: Any) -> subprocess.Popen[bytes]:
+        """The load process (`load_main`) in `work`, given the doubles and this phase's sizes."""
+        a = self.a
+        work.mkdir()
+        cfg = {"workdir": str(work), "url": self.cp.url, "ca": str(self.cp.ca), "token": self.cp.token,
+               "agents": [(d.name, d.role, d.vms) for d in self.doubles], "double_threads": a.double_threads,
+               "poll_seconds": a.poll_seconds, "inventory_seconds": a.inventory_seconds, "mix": self.mix,
+               "item_refs": self.item_refs, "out": str(work / "load.json"), **phase}
+        for d in self.doubles:  # their keys and certificates, where the load process looks
+            (work / d.name).symlink_to(d.dir)
+        (work / "cfg.json").write_text(json.dumps(cfg))
+        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_load", str(work / "cfg.json")],
+                                stdin=subprocess.DEVNULL)
+
+    # -- one repetition
+
+    def repetition(self, rep: int, scheduler: Any) -> dict[str, Any]:
+        a = self.a
+        work = self.workdir / f"rep{rep}"
+        before: dict[str, int] | None = None
+        t_before = 0.0
+        ticks: list[tuple[float, float, float]] = []  # (wall start, cpu s, wall s)
+        load = self.start_load(work, warmup_s=a.warmup, requests=a.requests, clients=a.clients,
+                               min_window_s=a.min_window, seed=a.seed + rep, drain_timeout_s=120.0)
+        try:
+            next_tick = time.monotonic()
+            while not (work / "window.done").exists():
+                if load.poll() is not None:
+                    raise RuntimeError(f"the load process exited ({load.returncode}) before its window ended")
+                if before is None and (work / "window.start").exists():
+                    before, t_before = self.counters(), time.monotonic()
+                now = time.monotonic()
+                if now >= next_tick:
+                    t0 = time.time()
+                    c0 = time.thread_time()
+                    p0 = time.perf_counter()
+                    scheduler.tick()
+                    ticks.append((t0, time.thread_time() - c0, time.perf_counter() - p0))
+                    next_tick += a.tick_seconds
+                    if next_tick < time.monotonic():  # a tick longer than the period: no catch-up burst
+                        next_tick = time.monotonic()
+                time.sleep(max(0.0, min(0.05, next_tick - time.monotonic())))
+            mid, t_mid = self.counters(), time.monotonic()
+            if before is None:
+                raise RuntimeError("the load process ended its window without starting it")
+            (work / "drain").write_text("")
+            load.wait(180)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+        res = json.loads((work / "load.json").read_text())
+        if res["errors"]:
+            raise RuntimeError("the load process failed:\n" + "\n".join(res["errors"][:3]))
+        w0, w1 = res["window"]
+        rows = [r for r in res["rows"] if w0 <= r[1] <= w1]
+        in_window = [t for t in ticks if w0 <= t[0] <= w1] or ticks
+        lat = [r[2] * 1000 for r in rows]
+        ops = {n for n, _ in OPERATOR_MIX}
+        by: dict[str, dict[str, float]] = {}
+        for name in sorted({r[0] for r in rows}):
+            xs = [r[2] * 1000 for r in rows if r[0] == name]
+            by[name] = {"n": len(xs), "p50_ms": round(pct(xs, 50), 2), "p99_ms": round(pct(xs, 99), 2)}
+        window = w1 - w0
+        cpu = [t[1] for t in in_window]
+        wall = [t[2] for t in in_window]
+        return {
+            "window_s": window, "requests": len(rows),
+            "api_p50_ms": pct(lat, 50), "api_p95_ms": pct(lat, 95), "api_p99_ms": pct(lat, 99),
+            "operator_p99_ms": pct([r[2] * 1000 for r in rows if r[0] in ops], 99),
+            "agent_p99_ms": pct([r[2] * 1000 for r in rows if r[0] not in ops], 99),
+            "api_requests_per_s": len(rows) / window,
+            "by_endpoint": by,
+            "scheduler_ticks": len(in_window),
+            "scheduler_tick_cpu_ms": med(cpu) * 1000, "scheduler_tick_wall_ms": med(wall) * 1000,
+            "scheduler_cpu_fraction": sum(cpu) / window,
+            "cycles_dispatched_per_s": (mid["dispatched"] - before["dispatched"]) / (t_mid - t_before),
+            "cycles_applied_per_s": (mid["applied"] - before["applied"]) / (t_mid - t_before),
+            "http_errors": sum(1 for r in rows if r[3] >= 400),
+            "drained": res["drained"],
+            "items_listed_per_page": res["items_listed"],
+        }
+
+    def burst(self, scheduler: Any) -> dict[str, Any]:
+        """Every item due now; ticks until all their cycles are dispatched and applied (the
+        doubles answer as they do in the repetitions)."""
+        from sqlalchemy import update
+
+        from standby.store.models import ProtectedItem
+
+        before = self.counters()
+        with self.store.transaction() as s:
+            s.execute(update(ProtectedItem).values(next_cycle_at=datetime.now(UTC) - timedelta(seconds=1)))
+        work = self.workdir / "burst"
+        load = self.start_load(work, warmup_s=0.0, requests=0, clients=1, min_window_s=0.0, seed=self.a.seed,
+                               drain_timeout_s=600.0)
+        t0 = time.perf_counter()
+        target = before["applied"] + self.n_items
+        done = False
+        try:
+            deadline = time.monotonic() + self.a.burst_timeout
+            while time.monotonic() < deadline:
+                if load.poll() is not None:
+                    raise RuntimeError(f"the load process exited ({load.returncode})")
+                tick0 = time.monotonic()
+                scheduler.tick()
+                if self.counters()["applied"] >= target:
+                    done = True
+                    break
+                time.sleep(max(0.0, self.a.tick_seconds - (time.monotonic() - tick0)))
+            secs = time.perf_counter() - t0
+            (work / "drain").write_text("")
+            load.wait(180)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+        res = json.loads((work / "load.json").read_text())
+        if res["errors"]:
+            raise RuntimeError("the load process failed in the burst:\n" + "\n".join(res["errors"][:3]))
+        after = self.counters()
+        applied = after["applied"] - before["applied"]
+        return {"cycle_burst_s": round(secs, 2), "cycle_burst_per_s": round(applied / secs, 1),
+                "cycle_burst_complete": done, "cycle_burst_drained": res["drained"],
+                "cycle_burst_http_errors": sum(1 for r in res["rows"] if r[3] >= 400)}
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.cp.stop()
+
+
+def _task_model() -> Any:
+    from standby.store.models import AgentTask
+
+    return AgentTask
+
+
+def _make_scheduler(run: BackendRun) -> Any:
+    from standby.orchestration.scheduler import Scheduler
+
+    return Scheduler(run.store, run.cp.settings(tick_seconds=run.a.tick_seconds))
+
+
+def run_backend(args: argparse.Namespace, backend: str, root: Path, pg: Any) -> dict[str, Any]:
+    workdir = root / backend
+    workdir.mkdir()
+    db_url = None
+    if backend == "postgresql":
+        db_url = pg.create_database(f"standby_bench_{uuid.uuid4().hex[:8]}")
+    run = BackendRun(args, backend, workdir, db_url)
+    try:
+        out: dict[str, Any] = run.populate()
+        out.update(run.probe_item_list())
+        out["operator_mix"] = {n: w for n, w in OPERATOR_MIX if n in run.mix}
+        scheduler = _make_scheduler(run)
+        reps = []
+        for rep in range(args.reps):
+            r = run.repetition(rep, scheduler)
+            reps.append(r)
+            log(f"{backend} rep {rep + 1}: {r['requests']} requests in {r['window_s']:.1f} s, "
+                f"p50/p95/p99 {r['api_p50_ms']:.1f}/{r['api_p95_ms']:.1f}/{r['api_p99_ms']:.1f} ms; "
+                f"tick {r['scheduler_tick_cpu_ms']:.1f} ms CPU / {r['scheduler_tick_wall_ms']:.1f} ms wall; "
+                f"cycles {r['cycles_dispatched_per_s']:.1f} dispatched, {r['cycles_applied_per_s']:.1f} applied /s")
+        for k in ("api_p50_ms", "api_p95_ms", "api_p99_ms", "operator_p99_ms", "agent_p99_ms", "api_requests_per_s",
+                  "scheduler_tick_cpu_ms", "scheduler_tick_wall_ms", "scheduler_cpu_fraction",
+                  "cycles_dispatched_per_s", "cycles_applied_per_s"):
+            out[k] = round(med([r[k] for r in reps]), 3)
+        out["scheduler_cpu_ms_per_100_items"] = round(out["scheduler_tick_cpu_ms"] / (run.n_items / 100), 3)
+        out["scheduler_ticks_per_s_capacity"] = round(1000 / out["scheduler_tick_wall_ms"], 1) \
+            if out["scheduler_tick_wall_ms"] > 0 else None
+        out["cycles_due_per_s"] = round(run.n_items / args.copy_frequency, 2) if args.copy_frequency else None
+        out["by_endpoint"] = reps[len(reps) // 2]["by_endpoint"]
+        out["http_errors"] = sum(r["http_errors"] for r in reps)
+        out["items_listed_per_page"] = reps[-1]["items_listed_per_page"]
+        if not args.no_burst:
+            out.update(run.burst(scheduler))
+            log(f"{backend} burst: {run.n_items} cycles in {out['cycle_burst_s']} s "
+                f"({out['cycle_burst_per_s']}/s)")
+        final = run.counters()
+        out["cycles_dispatched"] = final["dispatched"]
+        out["cycles_applied"] = final["applied"]
+        out["cycle_tasks_by_state"] = {k[len("tasks_"):]: v for k, v in final.items() if k.startswith("tasks_")}
+        out["all_cycles_applied"] = final["applied"] == final["dispatched"] and all(r["drained"] for r in reps)
+        out["items"] = run.n_items
+        out["runs"] = reps
+        return out
+    finally:
+        run.close()
+        if db_url is not None:
+            try:
+                pg.drop_database(db_url.split("/")[-1].split("?")[0])
+            except Exception as e:  # noqa: BLE001
+                log(f"could not drop the bench database: {e}")
+
+
+FIGURES = [
+    ("api_p50_ms", "API latency p50 (ms)"), ("api_p95_ms", "API latency p95 (ms)"),
+    ("api_p99_ms", "API latency p99 (ms)"), ("operator_p99_ms", "  operator reads p99 (ms)"),
+    ("agent_p99_ms", "  agent calls p99 (ms)"), ("api_requests_per_s", "requests/s in the window"),
+    ("scheduler_tick_cpu_ms", "scheduler tick CPU (ms)"), ("scheduler_tick_wall_ms", "scheduler tick wall (ms)"),
+    ("scheduler_cpu_ms_per_100_items", "scheduler CPU per tick per 100 items (ms)"),
+    ("scheduler_ticks_per_s_capacity", "scheduler ticks/s capacity"),
+    ("cycles_due_per_s", "cycles due/s (items / copy frequency)"),
+    ("cycles_dispatched_per_s", "cycles dispatched/s"), ("cycles_applied_per_s", "cycles applied/s"),
+    ("cycle_burst_per_s", "burst: cycles applied/s, all items due"), ("cycle_burst_s", "burst: seconds"),
+    ("all_cycles_applied", "every dispatched cycle applied"), ("populate_s", "populate (s)"),
+]
+
+
+def _fmt(o: dict[str, Any]) -> str:
+    backends = [b for b in ("sqlite", "postgresql") if b in o]
+    lines = [f"{'':44}" + "".join(f"{b:>14}" for b in backends)]
+    for k, label in FIGURES:
+        cells = []
+        for b in backends:
+            v = o[b].get(k)
+            cells.append(f"{v:>14.2f}" if isinstance(v, float) else f"{v!s:>14}")
+        lines.append(f"{label:44}" + "".join(cells))
+    for b in ("sqlite", "postgresql"):
+        if f"{b}_error" in o:
+            lines.append(f"{b}_error: {o[b + '_error']}")
+    p = o["params"]
+    lines.append(f"{o['items']} items, {o['agents']} agent doubles; medians of {p['reps']} repetitions of "
+                 f"{p['requests']} operator requests from {p['clients']} clients; items created via "
+                 f"{o['items_created_via']}")
+    return "\n".join(lines)
+
+
+def server_main(data_dir: str) -> None:
+    """The control plane under test: `serve(load_settings(D))`, the scheduler's period a day."""
+    import logging
+
+    from standby.api.server import load_settings, serve
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(load_settings(data_dir, tick_seconds=SERVER_TICK_SECONDS), log_level="warning")
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "_load":
+        load_main(sys.argv[2])
+        return
+    if len(sys.argv) > 2 and sys.argv[1] == "_server":
+        server_main(sys.argv[2])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object of named figures")
+    ap.add_argument("--items", type=int, default=5000, help="protected items (50 VMs per primary host)")
+    ap.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
+    ap.add_argument("--quick", action="store_true", help="1 repetition of 300 requests, a 1 s warm-up")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions (default 3, --quick 1)")
+    ap.add_argument("--requests", type=int, default=0, help="operator requests per repetition (default 2000)")
+    ap.add_argument("--clients", type=int, default=8, help="operator client threads")
+    ap.add_argument("--double-threads", type=int, default=4, help="threads driving the agent doubles")
+    ap.add_argument("--poll-seconds", type=float, default=1.0,
+                    help="how often each double claims tasks (the real agent: about every second)")
+    ap.add_argument("--inventory-seconds", type=float, default=60.0,
+                    help="how often each double reports its inventory again (the real agent: 60 s)")
+    ap.add_argument("--copy-frequency", type=int, default=300, choices=[0, 30, 300, 900])
+    ap.add_argument("--tick-seconds", type=float, default=1.0)
+    ap.add_argument("--warmup", type=float, default=0.0, help="seconds of doubles only before each window")
+    ap.add_argument("--min-window", type=float, default=0.0,
+                    help="the operators go on until this many seconds passed too (default 10, --quick 4)")
+    ap.add_argument("--no-burst", action="store_true", help="skip the all-items-due burst")
+    ap.add_argument("--burst-timeout", type=float, default=300.0)
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--seed", type=int, default=5)
+    args = ap.parse_args()
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.requests = args.requests or (300 if args.quick else 2000)
+    args.warmup = args.warmup or (1.0 if args.quick else 3.0)
+    args.min_window = args.min_window or (4.0 if args.quick else 10.0)
+    if args.copy_frequency == 0:
+        ap.error("--copy-frequency 0 (continuous) has no steady due rate to compare with; use 30, 300 or 900")
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    root = Path(tempfile.mkdtemp(prefix="standby-bench-cp-", dir=args.dir))
+    hosts = max(1, -(-args.items // VMS_PER_HOST))
+    out: dict[str, Any] = {
+        "items": args.items, "hosts": 2 * hosts, "agents": 2 * hosts,
+        "items_created_via": "store.repo.items.create in bulk (POST /items runs readiness and a protect job per VM)",
+        "params": {"reps": args.reps, "requests": args.requests, "clients": args.clients,
+                   "double_threads": args.double_threads, "poll_seconds": args.poll_seconds,
+                   "inventory_seconds": args.inventory_seconds, "claim_max": CLAIM_MAX,
+                   "copy_frequency_seconds": args.copy_frequency, "tick_seconds": args.tick_seconds,
+                   "warmup_s": args.warmup, "vms_per_host": VMS_PER_HOST, "operator_mix": dict(OPERATOR_MIX),
+                   "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
+    }
+    cluster = None
+    try:
+        pg = None
+        if "postgresql" in backends:
+            from standby.testing import postgres
+
+            external = os.environ.get("STANDBY_TEST_PG_URL")
+            why = None if external else postgres.reason_unavailable()
+            if why:
+                out["postgresql_error"] = why
+                backends.remove("postgresql")
+            elif external:
+                pg = postgres.server_from_url(external)
+            else:
+                cluster = postgres.PgCluster(postgres.find_pg_bindir())  # type: ignore[arg-type]
+                pg = cluster.start()
+        for b in backends:
+            log(f"{b}: {args.items} items")
+            try:
+                out[b] = run_backend(args, b, root, pg)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported, the other backend still runs
+                traceback.print_exc()
+                out[f"{b}_error"] = f"{type(e).__name__}: {e}"[:2000]
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    out["params"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print(_fmt(out))
+
+
+if __name__ == "__main__":
+    main()
