@@ -117,6 +117,7 @@ def test_overdue_tasks_expire_and_a_late_result_is_ignored(store: Store) -> None
         tasks.claim(s, a, max=2, now=at(1))
         tasks.get(s, later).deadline_at = at(500)
     with store.transaction() as s:  # deadlines: 60 and 61 (enqueued at 0 and 1, 60 s each)
+        assert not tasks.any_overdue(s, at(59.5)) and tasks.any_overdue(s, at(60))
         assert tasks.expire(s, at(59.5)) == []
     with store.transaction() as s:
         assert [t.id for t in tasks.expire(s, at(60))] == [queued]

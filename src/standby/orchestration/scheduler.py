@@ -236,37 +236,46 @@ class Scheduler:
 
     def _agents_pass(self, now: datetime, report: TickReport) -> None:
         timeout = timedelta(seconds=self.settings.heartbeat_timeout)
-        with self.store.transaction() as s:
-            stale = agents_repo.stale_agents(s, timeout=timeout, now=now)
-            report.agents_stale = len(stale)
-            stale_subjects = {agent_svc.agent_subject(a.name) for a in stale}
+        # Read first: most ticks change nothing and need not take the write lock.
+        with self.store.read() as s:
+            stale = {
+                agent_svc.agent_subject(a.name): (a.id, a.name, a.host_name, a.last_heartbeat_at)
+                for a in agents_repo.stale_agents(s, timeout=timeout, now=now)
+            }
             open_subjects = set(
                 s.scalars(
                     select(Alert.subject).where(Alert.kind == agent_svc.HEARTBEAT_LOST, Alert.cleared_at.is_(None))
                 )
             )
-            for a in stale:
-                subject = agent_svc.agent_subject(a.name)
-                if subject in open_subjects:
-                    continue
-                seen = a.last_heartbeat_at.isoformat(timespec="seconds") if a.last_heartbeat_at else "never"
+        report.agents_stale = len(stale)
+        to_raise = [subject for subject in stale if subject not in open_subjects]
+        to_clear = open_subjects - set(stale)  # heard from again, or revoked
+        if not (to_raise or to_clear):
+            return
+        with self.store.transaction() as s:
+            for subject in to_raise:
+                agent_id, name, host, last = stale[subject]
+                seen = last.isoformat(timespec="seconds") if last is not None else "never"
                 alerts.raise_alert(
                     s,
                     kind=agent_svc.HEARTBEAT_LOST,
                     severity="critical",
                     subject=subject,
-                    message=f"agent {a.name} on host {a.host_name} has not sent a heartbeat since {seen}",
-                    agent_id=a.id,
+                    message=f"agent {name} on host {host} has not sent a heartbeat since {seen}",
+                    agent_id=agent_id,
                     now=now,
                 )
-                report.alerts_raised += 1
-            for subject in open_subjects - stale_subjects:  # heard from again, or revoked
+            for subject in to_clear:
                 alerts.clear_alert(s, kind=agent_svc.HEARTBEAT_LOST, subject=subject, now=now)
-                report.alerts_cleared += 1
+        report.alerts_raised += len(to_raise)
+        report.alerts_cleared += len(to_clear)
 
     # ------------------------------------------------------------ 2. expiry
 
     def _expire_pass(self, now: datetime, report: TickReport) -> None:
+        with self.store.read() as s:
+            if not tasks.any_overdue(s, now):
+                return
         with self.store.transaction() as s:
             expired = tasks.expire(s, now)
             report.tasks_expired = len(expired)
@@ -282,6 +291,9 @@ class Scheduler:
     # ------------------------------------------------------------ 3. dispatch
 
     def _dispatch_pass(self, now: datetime, report: TickReport) -> None:
+        with self.store.read() as s:
+            if not items.due(s, now=now, limit=1):
+                return
         with self.store.transaction() as s:
             # items.due's queue, locked: a concurrent result for the same item waits
             # for this transaction (and sees the task it enqueued), and vice versa.

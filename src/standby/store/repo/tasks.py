@@ -229,6 +229,12 @@ def items_with_open_tasks(session: Session, kind: str) -> set[int]:
     )
 
 
+def any_overdue(session: Session, now: datetime | None = None) -> bool:
+    """Whether some open task is past its deadline (a cheap check before `expire`)."""
+    q = select(AgentTask.id).where(AgentTask.state.in_(TASK_OPEN_STATES), AgentTask.deadline_at <= now_or(now))
+    return session.scalars(q.limit(1)).first() is not None
+
+
 def expire(session: Session, now: datetime | None = None, *, limit: int = 1000) -> list[AgentTask]:
     """Open tasks past their deadline become expired (the caller handles what they were for)."""
     now = now_or(now)
