@@ -205,19 +205,6 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert err == ""
 
 
-def test_demo_json_prints_one_object(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, err = invoke(capsys, "demo", "--json")
-    assert rc == 0, err
-    doc = json.loads(out)  # the whole of stdout is one JSON value
-    assert isinstance(doc, dict) and set(doc) == {"readiness"}
-    results = doc["readiness"]
-    assert set(results) == {"kvm-two-sites.yaml", "single-server-two-clouds.yaml", "hyperv-vmm.yaml"}
-    for report in results.values():
-        assert_report_shape(report)
-    assert {name for name, r in results.items() if r["ready"]} == {"kvm-two-sites.yaml",
-                                                                    "single-server-two-clouds.yaml"}
-
-
 def test_demo_with_a_folder_lacking_the_examples_is_bad_input(capsys: pytest.CaptureFixture[str],
                                                               tmp_path: Path) -> None:
     rc, out, err = invoke(capsys, "demo", "--examples", str(tmp_path))
