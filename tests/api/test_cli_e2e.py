@@ -299,6 +299,27 @@ def test_untrusted_and_unreachable(plane: Plane, tmp_path: Path) -> None:
     assert r.rc == 5 and "cannot reach the control plane" in r.err
 
 
+def test_server_init_prints_what_an_operator_needs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "cp"
+    capsys.readouterr()
+    assert run(["server", "init", "--data-dir", str(d), "--listen", "0.0.0.0:9443", "--san", "cp.example"]) == 0
+    out = capsys.readouterr().out
+    assert f"admin token  {d / 'admin.token'} (mode 0600, role operator)" in out
+    assert f"export STANDBY_URL=https://127.0.0.1:9443 STANDBY_CA={d / 'ca' / 'ca.crt'} " \
+           f"STANDBY_TOKEN_FILE={d / 'admin.token'}" in out
+    assert f"standby server run --data-dir {d}" in out
+    token = (d / "admin.token").read_text()
+    assert run(["server", "init", "--data-dir", str(d)]) == 4
+    assert "--force" in capsys.readouterr().err
+    assert run(["server", "init", "--data-dir", str(d), "--listen", "127.0.0.1:9444", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "exists already" in out and "STANDBY_URL=https://127.0.0.1:9444" in out
+    assert (d / "admin.token").read_text() == token  # --force keeps the token
+    assert json.loads((d / "server.json").read_text())["listen"] == "127.0.0.1:9444"
+    assert run(["server", "init", "--data-dir", str(tmp_path / "x"), "--listen", "nope"]) == 2
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
 def test_server_stops_cleanly_on_sigterm(plane: Plane) -> None:
     # Last in the module (pytest runs tests in file order): the fixture's server goes away.
     plane.proc.send_signal(signal.SIGTERM)

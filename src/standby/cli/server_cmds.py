@@ -77,24 +77,23 @@ def server_init(
                           "admin_token_created": result.admin_token_created, "created": list(result.created),
                           "listen": listen, "env": env}, indent=2))
         return
-    console.print(f"control plane data dir {escape(str(result.data_dir))}"
-                  + (f" (made: {escape(', '.join(result.created))})" if result.created else ""), highlight=False)
-    console.print(f"  database     {escape(result.db_url)}", highlight=False)
-    console.print(f"  CA           {escape(str(result.ca_cert))}", highlight=False)
+    def say(text: str, markup: bool = True) -> None:
+        # soft_wrap: paths and the export line must stay on one line to be copied.
+        console.print(text, highlight=False, soft_wrap=True, markup=markup)
+
+    say(f"control plane data dir {escape(str(result.data_dir))}"
+        + (f" (made: {escape(', '.join(result.created))})" if result.created else ""))
+    say(f"  database     {escape(result.db_url)}")
+    say(f"  CA           {escape(str(result.ca_cert))}")
     if result.admin_token_created:
-        console.print(f"  admin token  {escape(str(result.admin_token_file))} (mode 0600, role operator)",
-                      highlight=False)
+        say(f"  admin token  {escape(str(result.admin_token_file))} (mode 0600, role operator)")
     else:
-        console.print(f"  admin token  exists already; {escape(str(result.admin_token_file))} was left alone",
-                      highlight=False)
-    console.print(f"  listen       {escape(listen)}", highlight=False)
-    console.print()
-    console.print(f"start it:  standby server run --data-dir {escape(shlex.quote(str(result.data_dir)))}",
-                  highlight=False)
-    console.print("then, for the CLI:", highlight=False)
-    # markup=False: the line is meant to be copied as is.
-    console.print(env_lines(url, result.ca_cert, result.admin_token_file), highlight=False, markup=False,
-                  soft_wrap=True)
+        say(f"  admin token  exists already; {escape(str(result.admin_token_file))} was left alone")
+    say(f"  listen       {escape(listen)}")
+    say("")
+    say(f"start it:  standby server run --data-dir {shlex.quote(str(result.data_dir))}", markup=False)
+    say("then, for the CLI:")
+    say(env_lines(url, result.ca_cert, result.admin_token_file), markup=False)
 
 
 @server_app.command("run")
