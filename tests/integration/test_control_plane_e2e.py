@@ -146,7 +146,7 @@ def test_control_plane_end_to_end(store_backend: str, empty_store_url: str, libv
         assert d.item(vm1)["state"] == "protected"
         _points_seen(d, vm1, 3, 120)
         status = json.loads(d.run_cli("status", "--json").stdout)
-        assert status["items"]["total"] >= 1
+        assert status["status"]["items"]["total"] >= 1 and status["items"][0]["vm"] == vm1
 
         # Pause: no new point; resume: points again.
         api.post(f"/items/{vm1}/pause")

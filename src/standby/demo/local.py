@@ -173,9 +173,7 @@ class LocalDeployment:
                       alive=lambda: self.server.running, log=self.server)
 
     def stop_server(self, *, kill: bool = False) -> int | None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        # The API client stays: it reconnects to a restarted control plane.
         return self.server.stop(kill=kill)
 
     def _server_answers(self) -> bool:
@@ -268,6 +266,9 @@ class LocalDeployment:
         for a in self.agents.values():
             a.process.stop()
         self.stop_server()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def __enter__(self) -> LocalDeployment:
         return self
