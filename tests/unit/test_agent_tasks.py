@@ -207,13 +207,21 @@ class _Api:
         self.status = 200
         self.cancel = False
         self.got: list[tuple[float, str, Any]] = []
+        self.claims: list[dict[str, Any]] = []  # tasks handed out, one per claim
         api = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # noqa: N802
+                self.do_POST()
+
             def do_POST(self) -> None:  # noqa: N802
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 api.got.append((time.monotonic(), self.path, json.loads(raw) if raw else None))
-                answer = {"cancel_requested": api.cancel} if self.path.endswith("/progress") else {"ok": True}
+                answer: dict[str, Any] = {"ok": True}
+                if self.path.endswith("/progress"):
+                    answer = {"cancel_requested": api.cancel}
+                elif self.path.endswith("/claim"):
+                    answer = {"tasks": [api.claims.pop(0)] if api.claims else []}
                 body = (json.dumps({"error": {"type": "NotFound", "message": "task 9 does not exist",
                                               "exit_code": 3}}) if api.status == 404
                         else json.dumps(answer) if api.status == 200 else "boom")
@@ -371,3 +379,59 @@ def test_a_refusal_is_logged_when_it_starts_changes_and_ends(tmp_path: Path, cap
         "inventory failed: libvirt down (retrying with backoff)",
         "heartbeat: works again",
     ]
+
+
+def _started_runtime(tmp_path: Path, api: _Api, grace: float) -> Any:
+    """A whole AgentRuntime (receiver, loops, workers) against the recording server."""
+    from standby.agent.runtime import AgentRuntime
+    from standby.errors import RemoteError
+    from standby.replication import tls
+
+    data = tmp_path / "a"
+    data.mkdir()
+    tls.init_ca(tmp_path / "ca")
+    ident = tls.issue(tmp_path / "ca", "a", ["127.0.0.1"], out_dir=tmp_path / "issued")
+    for src, name in ((ident.cert, "agent.crt"), (ident.key, "agent.key"), (ident.ca, "ca.crt")):
+        (data / name).write_bytes(src.read_bytes())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = AgentConfig(data_dir=data, name="a", server_url="https://127.0.0.1:1", site="s", server="m", cloud="c",
+                      host="h", listen=f"127.0.0.1:{port}")
+
+    def no_hypervisor() -> Any:
+        raise RemoteError("no hypervisor in this test")
+
+    cp = ControlPlane(cfg, client_factory=lambda: ApiClient(api.url, timeout=5))
+    return AgentRuntime(cfg, control_plane=cp, stop_grace=grace, driver_factory=no_hypervisor).start()
+
+
+@pytest.mark.parametrize("grace", [10.0, 0.3])
+def test_stop_waits_for_a_running_task_up_to_its_grace(tmp_path: Path, api: _Api, grace: float,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from standby.agent import tasks as tasks_mod
+
+    monkeypatch.setitem(tasks_mod.DISPATCH, "slow", _slow)
+    caplog.set_level(logging.INFO, logger="standby.agent")
+    api.claims.append({"id": 7, "kind": "slow", "params": {}, "attempt": 1, "created_at": "2026-01-01T00:00:00Z"})
+    rt = _started_runtime(tmp_path, api, grace)
+    try:
+        deadline = time.monotonic() + 10
+        while not any(p.endswith("/tasks/7/progress") for _, p, _ in api.got):
+            assert time.monotonic() < deadline, api.got
+            time.sleep(0.05)
+    finally:
+        rt.stop()
+    results = [b for _, p, b in api.got if p.endswith("/tasks/7/result")]
+    if grace > 3:  # the task (2.5 s) ends within the grace: its result is in
+        assert results == [{"ok": True, "result": {"done": True, "cancel_seen": False}}]
+        assert not any("unfinished" in r.getMessage() for r in caplog.records)
+    else:  # left unfinished, said so, and never reported (the next start gets it again)
+        assert results == []
+        assert any("1 task(s) unfinished (7 slow)" in r.getMessage() for r in caplog.records)
+        time.sleep(3)
+        assert not [p for _, p, _ in api.got if p.endswith("/tasks/7/result")]
+    assert any(p.endswith("/agent/heartbeat") for _, p, _ in api.got)
+    with socket.socket() as sock:  # the receiver is gone: its port is free again
+        sock.bind(("127.0.0.1", rt.cfg.listen_port))
