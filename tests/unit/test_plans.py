@@ -4,6 +4,8 @@ Golden plans and their dry runs are in tests/golden/plans/."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from standby.domain.failover import Kind
 from standby.domain.plans import (
@@ -136,3 +138,57 @@ def test_the_example_on_the_recovery_page_is_a_valid_plan() -> None:
     block = page.split("## Recovery plans", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     plan = load_plan(yaml.safe_load(block))
     assert [s.kind for s in expand(plan, T.PLANNED)][:2] == [StepKind.SHUTDOWN, StepKind.SHUTDOWN]
+
+
+# ---- properties -----------------------------------------------------------------------------
+
+_vm = st.from_regex(r"[a-z][a-z0-9-]{0,6}", fullmatch=True)
+_script = st.fixed_dictionaries({"path": st.sampled_from(["a.sh", "/opt/b.sh"])},
+                                optional={"timeout_seconds": st.floats(1, 3600)})
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> tuple[dict[str, object], set[str]]:
+    vms = draw(st.lists(_vm, min_size=1, max_size=30, unique=True))
+    cuts = sorted(draw(st.sets(st.integers(1, len(vms) - 1), max_size=8))) if len(vms) > 1 else []
+    bounds = [0, *cuts, len(vms)]
+    groups = [{"vms": vms[a:b], "pre": draw(st.lists(_script, max_size=2)), "post": draw(st.lists(_script, max_size=2)),
+               "manual_actions": draw(st.lists(st.fixed_dictionaries(
+                   {"text": st.just("do it"), "failover_types": st.lists(st.sampled_from(list(T)), min_size=1,
+                                                                         max_size=3, unique=True)}), max_size=2))}
+              for a, b in zip(bounds, bounds[1:], strict=False)]
+    skip = set(draw(st.lists(st.sampled_from(vms), max_size=len(vms))))
+    return {"name": "p", "groups": groups}, skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(plans(), st.sampled_from(list(T)))
+def test_expansion_invariants(p: tuple[dict[str, object], set[str]], ftype: PlanFailoverType) -> None:
+    data, skip = p
+    plan = load_plan(data)
+    steps = expand(plan, ftype, skip=skip)
+    fo = [s for s in steps if s.kind is StepKind.FAILOVER]
+    # every VM of the plan: in exactly one failover step, acted on or named as skipped
+    assert sorted(v for s in fo for v in s.vms + s.skipped) == sorted(plan.vms)
+    assert {v for s in fo for v in s.skipped} == skip & set(plan.vms)
+    # groups run in order, one failover step each, after their pre and before their post scripts
+    assert [s.group for s in fo] == list(range(1, len(plan.groups) + 1))
+    for s in steps:
+        f = fo[s.group - 1]
+        if s.kind is StepKind.PRE_SCRIPT:
+            assert s.number < f.number
+        if s.kind in (StepKind.POST_SCRIPT, StepKind.MANUAL_ACTION):
+            assert s.number > f.number
+    assert [s.group for s in steps if s.kind is not StepKind.SHUTDOWN] == \
+        sorted(s.group for s in steps if s.kind is not StepKind.SHUTDOWN)
+    shut = [s for s in steps if s.kind is StepKind.SHUTDOWN]
+    if ftype is PlanFailoverType.PLANNED:
+        # every source VM is shut down, last group first, before any group fails over
+        assert [s.group for s in shut] == list(range(len(plan.groups), 0, -1))
+        assert max(s.number for s in shut) < min(s.number for s in steps if s.kind is not StepKind.SHUTDOWN)
+        assert sorted(v for s in shut for v in s.vms) == sorted(set(plan.vms) - skip)
+    else:
+        assert not shut
+    assert [s.number for s in steps] == list(range(1, len(steps) + 1))
+    n_manual = sum(1 for g in data["groups"] for m in g["manual_actions"] if ftype in m["failover_types"])  # type: ignore[index,union-attr]
+    assert sum(1 for s in steps if s.kind is StepKind.MANUAL_ACTION) == n_manual

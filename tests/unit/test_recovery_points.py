@@ -16,6 +16,7 @@ from standby.domain.recovery_points import (
     UnknownPoint,
     choose_point,
     disk_points_from_listing,
+    point_of_cycle,
     vm_points,
 )
 
@@ -173,3 +174,18 @@ def test_a_given_id_is_accepted_only_when_whole(h: tuple[tuple[str, ...], list[D
     else:
         with pytest.raises(IncompletePoint, match=", ".join(d for d in disks if d not in present)):
             choose_point(points, p.cycle, disks=disks)
+
+
+def test_point_of_cycle_is_exactly_what_the_final_sync_committed() -> None:
+    pts = cycle(1, 100) + cycle(2, 200) + cycle(3, 300, on=DISKS[:2])
+    final = {d: "0000000002" for d in DISKS}
+    assert point_of_cycle(pts, final, disks=DISKS).id == "standby-2"
+    with pytest.raises(IncompletePoint, match="standby-3 is not the whole cycle .missing on web-vdc"):
+        point_of_cycle(pts, {d: "0000000003" for d in DISKS[:2]}, disks=DISKS)
+    with pytest.raises(IncompletePoint, match="different cycles .standby-1, standby-2"):
+        point_of_cycle(pts, {"web-vda": "0000000001", "web-vdb": "0000000002", "web-vdc": "0000000002"}, disks=DISKS)
+    with pytest.raises(UnknownPoint, match="web-vda: 0000000009"):
+        point_of_cycle(pts, {"web-vda": "0000000009"}, disks=DISKS)
+    # a cycle that committed on fewer disks than the point it belongs to has
+    with pytest.raises(IncompletePoint, match="missing on web-vdc"):
+        point_of_cycle(pts, {d: "0000000002" for d in DISKS[:2]}, disks=DISKS)

@@ -119,7 +119,8 @@ class Op(StrEnum):
     """What a step asks the workflow to do (each implementation is idempotent)."""
 
     RECORD = "record"                            # nothing but the step's events
-    CHOOSE_POINT = "choose_point"                # recovery_points.choose_point over the listed points; pins it
+    CHOOSE_POINT = "choose_point"                # choose_point(options.point) and pin it; after a final
+    #                                              sync: point_of_cycle(its committed points): zero loss
     SHUT_DOWN_VM = "shut_down_vm"                # guest shutdown (power off after a timeout)
     FENCE_SOURCE = "fence_source"                # power off if reachable, else record the site as lost
     START_VM = "start_vm"

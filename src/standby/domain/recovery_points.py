@@ -58,6 +58,7 @@ __all__ = [
     "choose_point",
     "disk_points_from_listing",
     "parse_choice",
+    "point_of_cycle",
     "vm_points",
 ]
 
@@ -235,6 +236,29 @@ def choose_point(points: Iterable[DiskPoint], choice: PointChoice | str, *, now:
     age = None if now is None else max(0.0, now - chosen.created_at)
     return Selection(point=chosen, choice=str(choice), age_seconds=age, newer_partial=newer_partial,
                      wait_for_newer=choice is PointChoice.LATEST and bool(newer_partial))
+
+
+def point_of_cycle(points: Iterable[DiskPoint], committed: Mapping[str, str], *,
+                   disks: Sequence[str] | None = None) -> VmPoint:
+    """The VM point a cycle committed, given its per-disk point ids (a `cycle` task's
+    `points` result): a planned failover fails over to exactly the point of its final
+    sync, so that no write is lost. Refused when those ids are not one whole VM point
+    (a disk missing, or ids of different cycles)."""
+    every = vm_points(points, disks)
+    wanted = dict(committed)
+    for p in every:
+        if dict(p.disks) == wanted and p.whole:
+            return p
+    holders = sorted({p.id for p in every for d, pid in wanted.items() if p.disks.get(d) == pid})
+    if not holders:
+        raise UnknownPoint(f"no recovery point holds the points the cycle committed "
+                           f"({', '.join(f'{d}: {pid}' for d, pid in sorted(wanted.items()))})")
+    if len(holders) > 1:
+        raise IncompletePoint(f"the points the cycle committed belong to different cycles ({', '.join(holders)})")
+    p = next(p for p in every if p.id == holders[0])
+    missing = sorted(set(p.missing) | {d for d in p.disks if d not in wanted} | {d for d in wanted if d not in p.disks})
+    raise IncompletePoint(f"recovery point {p.id} is not the whole cycle (missing on {', '.join(missing)})",
+                          point=p.id)
 
 
 def disk_points_from_listing(listing: Mapping[str, Iterable[Mapping[str, Any]]]) -> list[DiskPoint]:
