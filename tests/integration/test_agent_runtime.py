@@ -166,6 +166,13 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
 
     d = deployment
     name = vm_name("rt")
+    seeded = vm_name("rt")  # a powered-off VM, protected by offline seed
+    seeded_disk = guest.create_disk(vm_dir / f"{seeded}-vda.qcow2", 16)
+    for off, pattern in ((0, 0x11), (5 * MiB, 0x22)):
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern:#x} {off} 512k", str(seeded_disk)],
+                       check=True, capture_output=True)
+    dom2 = libvirt_conn.defineXML(guest.domain_xml(seeded, seeded_disk, vm_dir / f"{seeded}.log", guest_image,
+                                                   guest.cmdline("write")))
     disk = guest.create_disk(vm_dir / f"{name}-vda.qcow2", 32)
     console = guest.Console(vm_dir / f"{name}.log")
     dom = libvirt_conn.defineXML(guest.domain_xml(name, disk, vm_dir / f"{name}.log", guest_image,
@@ -175,7 +182,7 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         dom.create()
         d.init()
         d.start_server()
-        a = d.add_agent("host-a", cloud="primary", domains=[name])  # waits for a heartbeat
+        a = d.add_agent("host-a", cloud="primary", domains=[name, seeded])  # waits for a heartbeat
         b = d.add_agent("host-b", cloud="secondary", domains=["sbt-none-*"])
         api = d.client()
         # registration counts as a first sign of life: wait for what the agent itself reports
@@ -183,7 +190,7 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
             api.get("/agents/host-a")), 30, "host-a's first heartbeat", log=a.process)
         assert agent_a["heartbeat_ok"] and agent_a["last_heartbeat_at"] and agent_a["address"] == a.listen
         reported = agent_a["facts"]["reported"]
-        assert reported["listen"] == a.listen and reported["domains"] == [name]
+        assert reported["listen"] == a.listen and reported["domains"] == [name, seeded]
         assert 0 < agent_a["facts"]["storage_free_bytes"] <= agent_a["facts"]["storage_total_bytes"]
 
         # inventory: the VM in the primary cloud only, as the driver sees it
@@ -294,14 +301,47 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         task4 = _cycle_task(store, agent_a["id"], name, peer)
         done = d.wait_for(lambda: _finished(store, task4), 120, "a cycle after the outage", log=a.process)
         assert done["state"] == "succeeded" and done["result"]["disks"][0]["result"]["data_blocks"] == 0, done
+
+        # offline initial replication through the protection job: seed_export on host-a,
+        # seed_import on host-b, then a catch-up cycle that sends only the change since
+        carried = tmp_path / "carried"
+        d.run_cli("policy", "create", "seeded", "--copy-frequency", "5m", "--initial", "offline",
+                  "--export-path", str(carried), "--import-path", str(carried))
+        pairing = api.get("/pairings")["items"][0]
+        api.post(f"/pairings/{pairing['id']}/policies", json={"policy": "seeded"})
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x33 {9 * MiB} 64k", str(seeded_disk)],
+                       check=True, capture_output=True)
+        out = json.loads(d.run_cli("protect", seeded, "--policy", "seeded", "--json", "--no-wait").stdout)
+        job = d.wait_job(out["job"]["id"], 300)
+        assert job["state"] == "succeeded", job
+        seeded_id = disk_id_for(seeded, "vda")
+        assert (carried / seeded_id / "seed.json").is_file()
+        item = d.wait_for(lambda: (lambda i: i if i.get("last_recovery_point_id") else None)(d.item(seeded)), 120,
+                          "the seeded VM's first point", log=d.server)
+        with store.read() as s:
+            from standby.store.repo import tasks as tasks_repo
+
+            kinds = {t.kind: t for t in tasks_repo.list_tasks(s, item_id=item["id"])}
+            assert kinds["seed_export"].state == kinds["seed_import"].state == "succeeded"
+            cycles = [t for t in tasks_repo.list_tasks(s, item_id=item["id"], kind="cycle") if t.state == "succeeded"]
+            first_cycle = min(cycles, key=lambda t: t.id).result
+        assert first_cycle["disks"][0]["kind"] == "extents", first_cycle  # no scan, no copy: from the seed
+        replica, overlay = _materialized(replicas, seeded_id, item["last_recovery_point_id"], tmp_path / "s1.qcow2")
+        try:
+            r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(overlay),
+                                str(seeded_disk)], capture_output=True, text=True)
+        finally:
+            replica.release(overlay)
+        assert r.returncode == 0, r.stdout + r.stderr
     finally:
         if store is not None:
             store.close()
-        try:
-            if dom.isActive():
-                dom.destroy()
-            for cp in dom.listAllCheckpoints():
-                cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-            dom.undefine()
-        except libvirt.libvirtError:
-            pass
+        for dm in (dom, dom2):
+            try:
+                if dm.isActive():
+                    dm.destroy()
+                for cp in dm.listAllCheckpoints():
+                    cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+                dm.undefine()
+            except libvirt.libvirtError:
+                pass
