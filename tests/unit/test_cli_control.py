@@ -514,3 +514,38 @@ def test_jobs_watch_exit_codes_and_timeout(capsys: pytest.CaptureFixture[str], s
     rc, _out, err = invoke(capsys, "jobs", "watch", "7", "--timeout", "1", "--url", url)
     assert rc == 5
     assert "job 7 has not ended after 1 s" in err and "standby jobs watch 7" in err
+
+
+@pytest.mark.parametrize(("action", "verb"), [("pause", "paused"), ("resume", "resumed"),
+                                              ("replicate-now", "replication started"),
+                                              ("resync", "resynchronization started")])
+def test_item_actions_post_to_their_route(capsys: pytest.CaptureFixture[str], scripted: tuple[Scripted, str],
+                                          action: str, verb: str) -> None:
+    script, url = scripted
+    job = _job("queued", [("act", "pending")], kind=action.replace("-", "_"))
+    script.routes[("POST", f"/items/web01/{action}")] = (202, {"item": {**ITEM, "state": "paused"}, "job": job})
+    script.routes[("GET", "/jobs/7")] = (200, {**job, "state": "succeeded", "steps": [
+        {"position": 0, "name": "act", "state": "succeeded", "progress": 100, "message": ""}]})
+    script.routes[("GET", "/items/1")] = (200, {**ITEM, "state": "protected"})
+    rc, out, _err = invoke(capsys, action, "web01", "--url", url)
+    assert rc == 0
+    assert f"web01: {verb}; state paused (job 7: queued)" in out
+    assert ("GET", "/jobs/7") not in script.hits  # no --wait: not followed
+    rc, out, err = invoke(capsys, action, "web01", "--wait", "--url", url, "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["job"]["state"] == "succeeded" and doc["item"]["state"] == "protected"
+
+
+def test_jobs_cancel_and_show(capsys: pytest.CaptureFixture[str], scripted: tuple[Scripted, str]) -> None:
+    script, url = scripted
+    running = _job("running", [("check readiness", "succeeded"), ("place replica", "running")], progress=50,
+                   cancel_requested_at="2026-11-26T18:00:00Z", started_at="2026-11-26T17:59:00Z")
+    script.routes[("POST", "/jobs/7/cancel")] = (200, running)
+    script.routes[("GET", "/jobs/7")] = (200, running)
+    rc, out, _err = invoke(capsys, "jobs", "cancel", "7", "--url", url)
+    assert rc == 0 and "job 7: running (cancel requested)" in out
+    rc, out, _err = invoke(capsys, "jobs", "show", "7", "--url", url)
+    assert rc == 0
+    for part in ("protect", "running (50%)", "cancel", "check readiness", "place replica", "succeeded"):
+        assert part in out, part
