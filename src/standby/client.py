@@ -83,6 +83,9 @@ def _attach_details(exc: StandbyError, details: Any) -> None:
         pass
 
 
+KEEPALIVE_EXPIRY = 4.0  # seconds an idle connection is kept for reuse
+
+
 class ApiClient:
     """A connection to one control plane. Methods take a path relative to `/api/v1` and
     return the decoded JSON body (None for an empty body)."""
@@ -104,8 +107,11 @@ class ApiClient:
         headers = {"Accept": "application/json", "User-Agent": f"standby/{__version__}"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        # Idle connections are dropped well before the server's keep-alive timeout (30 s):
+        # reusing one the server is closing loses the request ("disconnected without a response").
         self._http = httpx.Client(base_url=base + API_PREFIX, headers=headers, timeout=timeout,
-                                  verify=self._tls_context(), http2=False, follow_redirects=False)
+                                  verify=self._tls_context(), http2=False, follow_redirects=False,
+                                  limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY))
 
     def _tls_context(self) -> ssl.SSLContext | bool:
         if self.base_url.startswith("http://"):

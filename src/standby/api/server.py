@@ -227,6 +227,9 @@ def uvicorn_config(settings: ServerSettings, app: FastAPI, *, log_level: str | N
         proxy_headers=False,  # nothing sits in front: client addresses are the peers'
         server_header=False,
         timeout_graceful_shutdown=10,
+        # Longer than clients keep idle connections (standby.client: 4 s), so a client never
+        # sends on a connection the server is closing at that very moment.
+        timeout_keep_alive=30,
     )
 
 
