@@ -192,7 +192,7 @@ class LocalDeployment:
     # -------------------------------------------------------------- agents
 
     def add_agent(self, name: str, *, cloud: str, domains: Sequence[str], host: str | None = None,
-                  start: bool = True, timeout: float = 60.0) -> AgentHandle:
+                  vm_prefix: str = "", start: bool = True, timeout: float = 60.0) -> AgentHandle:
         """Register an agent with a fresh registration key and (by default) start it."""
         data_dir = self.workdir / "agents" / name
         listen = f"127.0.0.1:{free_port()}"
@@ -207,6 +207,8 @@ class LocalDeployment:
                     "--cloud", cloud, "--host", host or name, "--listen", listen, "--libvirt-uri", self.libvirt_uri]
             for d in domains:
                 args += ["--domains", d]
+            if vm_prefix:
+                args += ["--vm-prefix", vm_prefix]
             self.run_cli(*args)
         finally:
             key_file.unlink(missing_ok=True)
