@@ -333,6 +333,17 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         finally:
             replica.release(overlay)
         assert r.returncode == 0, r.stdout + r.stderr
+
+        # the points as the secondary's agent lists them (a list_points task), then disabling
+        # protection with the replica deleted (a delete_replica task)
+        listed = api.get(f"/items/{seeded}/points")
+        ids = [p["id"] for p in listed["points"][seeded_id]]
+        assert listed["secondary_host"] == "host-b" and item["last_recovery_point_id"] in ids
+        assert listed["points"][seeded_id][0]["kind"] == "seed" and listed["points"][seeded_id][0]["pinned"] is False
+        out = api.delete(f"/items/{seeded}", params={"delete_replica": "true"})
+        job = d.wait_job(out["job"]["id"], 120)
+        assert job["state"] == "succeeded", job
+        assert seeded_id not in ReplicaStore(replicas).disks() and disk_id in ReplicaStore(replicas).disks()
     finally:
         if store is not None:
             store.close()
