@@ -390,6 +390,12 @@ class Scheduler:
             "force_hash_scan": force,
             "timeout_seconds": SENDER_TIMEOUT_SECONDS,
         }
+        if sites[0] is Site.SECONDARY:
+            # Reverse replication: the replica VM on the secondary sends to the old primary,
+            # its disks named by the original disks' ids (the old disks adopted as the base).
+            params["vm"] = str(details.get("replica_vm") or item.vm.name)
+            if isinstance(details.get("replica_disk_ids"), dict):
+                params["disk_ids"] = dict(details["replica_disk_ids"])
         item.next_cycle_at = None
         return tasks.NewTask(agent_id=source.id, kind=CYCLE, params=params, item_id=item.id)
 
@@ -538,6 +544,9 @@ class Scheduler:
         )
         details = dict(item.details or {})
         details["disk_ids"] = sorted(points)
+        if isinstance(result.get("domain_xml"), str) and result["domain_xml"] and "disk_ids" not in task.params:
+            # The source VM's configuration as of this point: a failover defines the replica from it.
+            details["domain_xml"] = result["domain_xml"]
         scanned = bool(task.params.get("force_hash_scan"))
         if scanned:  # a cycle queued before a resync was asked for does not count as one
             details.pop("force_hash_scan", None)

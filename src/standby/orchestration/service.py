@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from standby.orchestration import protection
+from standby.orchestration import failover, plans, protection
 from standby.orchestration.runner import JobRunner
 from standby.orchestration.scheduler import Scheduler
 from standby.orchestration.settings import ServerSettings
@@ -36,7 +36,8 @@ class ControlPlaneServices:
         self.settings = settings
         self._owns_store = store is None
         self.store = store if store is not None else open_store(settings.url)
-        self.runner = JobRunner(self.store, settings, protection.handlers())
+        self.runner = JobRunner(self.store, settings,
+                                {**protection.handlers(), **failover.handlers(), **plans.handlers()})
         self.scheduler = Scheduler(self.store, settings)
         self.webhooks = WebhookDeliverer(self.store, settings)
         self._stop = threading.Event()

@@ -11,7 +11,8 @@ Aggregates and what owns them:
 - `Alert`, `Webhook`, `AlertDelivery`: alerts and their webhook outbox;
 - `ApiToken`: REST API credentials;
 - `Job`, `JobStep`: every operation, the source of truth for its progress;
-- `AgentTask`: work handed to an agent (a replication cycle, a prune ...), pulled by it.
+- `AgentTask`: work handed to an agent (a replication cycle, a prune ...), pulled by it;
+- `RecoveryPlan`: a recovery plan document (groups of VMs, scripts, manual actions).
 
 Secrets (registration keys, API tokens) are stored as SHA-256 digests of random
 tokens, never in clear. Enumerations the store can check (job states, roles,
@@ -588,3 +589,21 @@ class AgentTask(Base):
     @property
     def is_open(self) -> bool:
         return self.state in TASK_OPEN_STATES
+
+
+# ---------------------------------------------------------------- recovery plans
+
+
+class RecoveryPlan(Base):
+    """A recovery plan as the operator wrote it (`domain.plans.load_plan` validates the
+    document before it is stored; a run reads it back and expands it)."""
+
+    __tablename__ = "recovery_plans"
+    __table_args__ = (SQLITE_NO_ID_REUSE,)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = _name()
+    document: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_by: Mapped[str | None] = mapped_column(String(NAME))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

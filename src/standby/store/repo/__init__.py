@@ -11,6 +11,6 @@ that find nothing raise `NotFound`; refused changes raise `Refused`, `Conflict` 
 `BadInput` with a message meant for the operator.
 """
 
-from standby.store.repo import agents, alerts, inventory, items, jobs, policies, tasks, tokens
+from standby.store.repo import agents, alerts, inventory, items, jobs, plans, policies, tasks, tokens
 
-__all__ = ["agents", "alerts", "inventory", "items", "jobs", "policies", "tasks", "tokens"]
+__all__ = ["agents", "alerts", "inventory", "items", "jobs", "plans", "policies", "tasks", "tokens"]
