@@ -192,8 +192,10 @@ class LocalDeployment:
     # -------------------------------------------------------------- agents
 
     def add_agent(self, name: str, *, cloud: str, domains: Sequence[str], host: str | None = None,
-                  vm_prefix: str = "", start: bool = True, timeout: float = 60.0) -> AgentHandle:
-        """Register an agent with a fresh registration key and (by default) start it."""
+                  vm_prefix: str = "", host_group: str | None = None, start: bool = True,
+                  timeout: float = 60.0) -> AgentHandle:
+        """Register an agent with a fresh registration key and (by default) start it. Its
+        host joins the host group `<cloud>-hosts` unless another is named."""
         data_dir = self.workdir / "agents" / name
         listen = f"127.0.0.1:{free_port()}"
         key = self.client().post("/registration-keys", json={"description": f"demo agent {name}", "valid_days": 1})
@@ -204,7 +206,7 @@ class LocalDeployment:
         try:
             args = ["agent", "register", "--data-dir", str(data_dir), "--server", self.url, "--ca", str(self.ca),
                     "--key-file", str(key_file), "--name", name, "--site", SITE, "--server-name", SERVER,
-                    "--cloud", cloud, "--host", host or name, "--listen", listen, "--libvirt-uri", self.libvirt_uri]
+                    "--cloud", cloud, "--host-group", host_group or f"{cloud}-hosts", "--host", host or name, "--listen", listen, "--libvirt-uri", self.libvirt_uri]
             for d in domains:
                 args += ["--domains", d]
             if vm_prefix:
@@ -225,9 +227,19 @@ class LocalDeployment:
         a.process.start(self._env())
         self.wait_for(lambda: self._agent_heartbeat_ok(name), timeout, f"agent {name} to send a heartbeat",
                       alive=lambda: a.process.running, log=a.process)
+        # Its first inventory follows the first libvirt connection (seconds, the first time).
+        self.wait_for(lambda: self._host_listed(a.host, a.cloud), timeout, f"agent {name}'s inventory",
+                      alive=lambda: a.process.running, log=a.process)
 
     def stop_agent(self, name: str, *, kill: bool = False) -> int | None:
         return self.agents[name].process.stop(kill=kill)
+
+    def _host_listed(self, host: str, cloud: str) -> bool:
+        try:
+            hosts = self.client().get("/hosts", params={"cloud": cloud})["items"]
+        except StandbyError:
+            return False
+        return any(h.get("name") == host for h in hosts)
 
     def _agent_heartbeat_ok(self, name: str) -> bool:
         try:

@@ -105,8 +105,9 @@ class Demo:
 
         with self.step("boot two guests writing records") as s:
             self._fresh_workdir()
-            for vm in GUESTS:
-                self._boot(vm)
+            consoles = [self._boot(vm) for vm in GUESTS]
+            for c in consoles:  # booted together: about 10 s under software emulation, not 10 s each
+                c.wait_for(lambda c: c.acked() >= 0, 180)
             s.detail = f"{', '.join(GUESTS)} at {RATE} records/s each"
 
         d = self.deployment = LocalDeployment(self.workdir / "deployment", tick_seconds=1.0)
@@ -128,6 +129,9 @@ class Demo:
                                         "policy": POLICY})
             live = api.get("/readiness")
             self.result.readiness["live"] = live
+            for f in live["findings"]:
+                if f.get("severity") in ("error", "warning"):
+                    self.say(f"  {f['severity']}: {f.get('subject', '')}: {f.get('message', '')}")
             s.detail = (f"policy {POLICY} (copy every {COPY_FREQUENCY} s); live fabric "
                         f"{'ready' if live['ready'] else 'NOT ready'}, {len(live['findings'])} finding(s)")
 
@@ -198,7 +202,7 @@ class Demo:
             shutil.rmtree(self.workdir)
         (self.workdir / "vms").mkdir(parents=True)
 
-    def _boot(self, vm: str) -> None:
+    def _boot(self, vm: str) -> Any:
         from standby.testing import guest
 
         vms = self.workdir / "vms"
@@ -207,7 +211,7 @@ class Demo:
         dom = self._libvirt().defineXML(guest.domain_xml(vm, disk, log, self.image,
                                                          guest.cmdline("write", rate=RATE)))
         dom.create()
-        guest.Console(log).wait_for(lambda c: c.acked() >= 0, 120, alive=lambda: bool(dom.isActive()))
+        return guest.Console(log)
 
     def close(self, keep: bool = False) -> None:
         if keep:
