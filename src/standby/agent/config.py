@@ -38,6 +38,22 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
+_VM_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_vm_prefix(value: str) -> str:
+    """A prefix of libvirt domain names: empty, or letters, digits and _.- (at most 64)."""
+    if not isinstance(value, str) or (value and not _VM_PREFIX.fullmatch(value)):
+        raise BadInput(f"VM prefix {value!r} is not valid (empty, or letters, digits and _.-, starting with a "
+                       "letter or digit, at most 64 characters)")
+    return value
+
+
+def replica_vm_name(prefix: str, vm: str, *, test: bool = False) -> str:
+    """The name of a VM's replica (or test failover VM) on an agent with `prefix`."""
+    return f"{prefix}{vm}-test" if test else f"{prefix}{vm}"
+
+
 def check_listen(value: str) -> str:
     """A replication address HOST:PORT (port 1..65535: peers dial it, so it cannot be 'any')."""
     from standby.replication.sender import Endpoint
@@ -68,6 +84,9 @@ class AgentConfig:
     domains: list[str] = field(default_factory=list)  # globs; empty: every domain of the host
     agent_id: int | None = None
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    # Replica VMs this agent defines are named <vm_prefix><vm> (test VMs <vm_prefix><vm>-test):
+    # two agents sharing one libvirtd (the single-machine demo) keep their VMs apart by it.
+    vm_prefix: str = ""
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -84,6 +103,7 @@ class AgentConfig:
             raise BadInput(f"domain filter must be a list of non-empty glob patterns, not {self.domains!r}")
         if not (isinstance(self.heartbeat_seconds, (int, float)) and self.heartbeat_seconds > 0):
             raise BadInput(f"heartbeat_seconds must be positive, not {self.heartbeat_seconds!r}")
+        check_vm_prefix(self.vm_prefix)
 
     # ------------------------------------------------------------------ files
 

@@ -368,7 +368,8 @@ class AgentRuntime:
         free, total = inv.storage(self.cfg.replicas_dir)
         running = self.running()
         facts = {"host": self.cfg.host, "listen": self.cfg.listen, "libvirt_uri": self.cfg.libvirt_uri,
-                 "domains": self.cfg.domains, "tasks_running": [rt.id for rt in running if rt.outcome is None],
+                 "domains": self.cfg.domains, "vm_prefix": self.cfg.vm_prefix,
+                 "tasks_running": [rt.id for rt in running if rt.outcome is None],
                  "receiver": dict(self.receiver.stats) if self.receiver is not None else {}}
         t0 = time.time()
         answer = self.cp.call("POST", "/agent/heartbeat", {"version": __version__, "storage_free_bytes": free,

@@ -14,6 +14,10 @@ exception's class name for a bug). A task never takes the agent down.
 | seed_export | primary | an offline seed of each disk of a VM, from a point-in-time view |
 | seed_import | secondary | import such seeds as the disks' first points |
 
+Recovery's kinds (docs/recovery.md, "Wiring") are in `agent/recovery.py`: materialize,
+release, define_vm, start_vm, stop_vm, undefine_vm, create_network, delete_network,
+adopt_disk, restore_disk.
+
 Every task is safe to run again (an agent restarted mid-task gets it again): a cycle
 starts from the checkpoint the last complete cycle left; prune, delete and listing are
 idempotent; a seed export refuses a non-empty destination directory and an import
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from standby.agent.recovery import RECOVERY_TASKS, disk_id_map
 from standby.errors import BadInput, Conflict, NotFound, Refused, StandbyError
 from standby.replication.store import ReplicaStore
 
@@ -165,7 +170,10 @@ def _open_disk(store: ReplicaStore, disk_id: str) -> Any:
 
 
 def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
-    """One replication cycle of a VM to its peer (`replicate_vm`)."""
+    """One replication cycle of a VM to its peer (`replicate_vm`). `disk_ids` ({target:
+    disk_id}) names the replica disks (default `<vm>-<target>`): a failed-over replica VM
+    replicates back into the disks named after the original VM. The result carries the
+    VM's definition (`domain_xml`) as of this cycle: a failover defines the replica from it."""
     from standby.orchestration.replicate import CycleFailed, replicate_vm
     from standby.replication.sender import Endpoint, SenderOptions
 
@@ -180,13 +188,19 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
     if consistency not in ("crash", "app", "auto"):
         raise BadInput(f"task parameter 'consistency' must be crash, app or auto, not {consistency!r}")
     timeout = _number(params, "timeout_seconds", 60.0) or 60.0
+    disk_ids = disk_id_map(params, required=False)
     opts = SenderOptions(compress=_compress(params.get("compress")), timeout=timeout,
                          meta={"item_id": params.get("item_id")} if params.get("item_id") is not None else {})
-    taken: dict[str, float] = {}
+    taken: dict[str, Any] = {}
+    driver = env.driver()
 
     def on_session(session: Any) -> None:
         # The point holds the disks as of this moment (the checkpoint): that is its time.
         taken["at"] = time.time()
+        try:
+            taken["xml"] = driver.domain_xml(vm)
+        except (StandbyError, AttributeError) as exc:  # the cycle goes on; the failover keeps the last one
+            log.warning("VM %s: cannot read its definition for the cycle's result: %s", vm, exc)
         total = 0
         for dc in session.disks:
             try:
@@ -197,22 +211,23 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
         progress.set(1, f"checkpoint {session.checkpoint or '(none)'} taken ({session.consistency}); sending")
 
     try:
-        res = replicate_vm(env.driver(), vm, endpoint, env.client_context(), env.state_dir,
-                           consistency=str(consistency), options=opts, on_session=on_session,
+        res = replicate_vm(driver, vm, endpoint, env.client_context(), env.state_dir,
+                           consistency=str(consistency), options=opts, on_session=on_session, disk_ids=disk_ids,
                            force_hash_scan=bool(params.get("force_hash_scan", False)),
                            progress=progress.add_bytes)
     except CycleFailed as exc:
         # Some disks committed: the control plane gets which, with the failure.
-        exc.partial = _cycle_result(exc.result, taken.get("at"))  # type: ignore[attr-defined]
+        exc.partial = _cycle_result(exc.result, taken.get("at"), taken.get("xml"))  # type: ignore[attr-defined]
         raise
-    return _cycle_result(res, taken.get("at"))
+    return _cycle_result(res, taken.get("at"), taken.get("xml"))
 
 
-def _cycle_result(res: Any, taken_at: float | None) -> dict[str, Any]:
+def _cycle_result(res: Any, taken_at: float | None, domain_xml: str | None = None) -> dict[str, Any]:
     out = res.as_dict()
     out["points"] = {d.disk_id: d.result.point_id for d in res.disks if d.result is not None}
     out["point_at"] = iso(taken_at) if taken_at is not None else None
     out["bytes_sent"] = sum(d.result.wire_bytes for d in res.disks if d.result is not None)
+    out["domain_xml"] = domain_xml
     return out
 
 
@@ -433,6 +448,7 @@ DISPATCH: dict[str, TaskFn] = {
     "list_points": run_list_points,
     "seed_export": run_seed_export,
     "seed_import": run_seed_import,
+    **RECOVERY_TASKS,
 }
 
 

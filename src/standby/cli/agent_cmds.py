@@ -4,7 +4,7 @@
         the replication receiver alone (no control plane): apply cycles to a replica store
     standby agent register --data-dir A --server https://cp:8443 --ca CA_CERT --key-file F \\
         --name N --site S --server-name M --cloud C [--host-group G] [--host H] \\
-        --listen HOST:PORT [--libvirt-uri URI] [--domains GLOB ...]
+        --listen HOST:PORT [--libvirt-uri URI] [--domains GLOB ...] [--vm-prefix P]
         make a key and have the control plane certify it; writes A/agent.json
     standby agent run --data-dir A
         receiver + heartbeats + inventory + tasks, until SIGTERM/SIGINT
@@ -102,6 +102,8 @@ def register_cmd(
     libvirt_uri: str = typer.Option("qemu:///system", "--libvirt-uri", help="The libvirt host this agent drives."),
     domains: list[str] = typer.Option(None, "--domains", help="Glob of the libvirt domains this agent owns "
                                                               "(repeatable; default: all of them)."),
+    vm_prefix: str = typer.Option("", "--vm-prefix", help="Prefix of the replica VMs this agent defines "
+                                                          "(<prefix><vm>; test failovers <prefix><vm>-test)."),
 ) -> None:
     """Register this agent: a key made here, a certificate from the control plane."""
     import os
@@ -117,7 +119,7 @@ def register_cmd(
     hostname = host or socket.gethostname().split(".")[0]
     cfg = AgentConfig(data_dir=data_dir, name=name, server_url=server, site=site, server=server_name, cloud=cloud,
                       host=hostname, listen=listen, host_group=host_group, libvirt_uri=libvirt_uri,
-                      domains=list(domains or []))
+                      domains=list(domains or []), vm_prefix=vm_prefix)
     cfg = register(cfg, registration_key=secret, ca_file=ca)
     console.print(f"agent {escape(cfg.name)} registered (id {cfg.agent_id}) with {escape(cfg.server_url)}: "
                   f"host {escape(cfg.host)} in cloud {escape(cfg.cloud)}, replication on {escape(cfg.listen)}; "

@@ -18,6 +18,7 @@ consistent); an incremental disk exports the base checkpoint's bitmap (`-B`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from standby.errors import RemoteError
+from standby.errors import Conflict, RemoteError
 from standby.drivers.libvirt.nbd import NbdExport
 from standby.drivers.libvirt.tracking import DomainDisk
 
@@ -199,3 +200,23 @@ def remove_bitmap(path: str, name: str) -> bool:
     it could not be removed (missing, or the image is in use)."""
     r = subprocess.run(["qemu-img", "bitmap", "--remove", path, name], capture_output=True, text=True)
     return r.returncode == 0
+
+
+def image_format(path: str) -> tuple[str, int]:
+    """(format, virtual size) of a disk image, by `qemu-img info`. The image must not be
+    in use: qemu-img takes its lock, and a running VM's writable image refuses it."""
+    r = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        err = r.stderr.strip()
+        if "lock" in err:
+            raise Conflict(f"disk image {path} is in use (a running VM?): {err}")
+        raise RemoteError(f"qemu-img info {path} failed: {err}")
+    info = json.loads(r.stdout)
+    return str(info["format"]), int(info["virtual-size"])
+
+
+def serve_image(path: str, fmt: str, what: str) -> Exports:
+    """Serve one image not in use read-only with qemu-nbd (export name "image"); `stop()`
+    ends it. The export's block status gives its zero ranges."""
+    disk = DomainDisk(target="image", path=path, format=fmt, source_type="file", device="disk", readonly=True)
+    return start_offline(what, [DiskPlan(disk, 0, False, None, False)], None)

@@ -38,7 +38,7 @@ import libvirt
 from standby.drivers.base import DiskInfo, NicInfo, VmInfo, VmSpec, VmState
 from standby.drivers.libvirt.connection import call, translate
 from standby.drivers.libvirt.discovery import is_local, parse_capabilities, parse_domain_xml
-from standby.errors import BadInput, Conflict, NotFound, RemoteError
+from standby.errors import BadInput, Conflict, NotFound, Refused, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -641,6 +641,18 @@ def create_isolated_network(conn: Any, name: str) -> str:
     return bridge
 
 
+def isolated_attachment(conn: Any, name: str) -> str:
+    """The attachment (a spec.networks entry) of a network made by create_isolated_network:
+    `network:NAME`, or `bridge:B` when it fell back to a plain bridge. NotFound otherwise."""
+    _check_network_name(name)
+    if _network_exists(conn, name):
+        return f"network:{name}"
+    bridge = bridge_name_for(name)
+    if is_local(conn) and _is_bridge(bridge):
+        return f"bridge:{bridge}"
+    raise NotFound(f"no isolated network {name!r} on this host (create it first)")
+
+
 def remove_network(conn: Any, name: str) -> None:
     """Remove a network made by create_isolated_network: the libvirt network, or the
     fallback bridge (by either name). NotFound when there is neither."""
@@ -665,3 +677,23 @@ def remove_network(conn: Any, name: str) -> None:
         _ip("link", "del", bridge)
         return
     raise NotFound(f"no network {name!r} (neither a libvirt network nor a bridge Standby made)")
+
+
+def remove_isolated_network(conn: Any, name: str) -> bool:
+    """Remove a network create_isolated_network made (its bridge is the one it names);
+    an operator's network of that name is refused (Refused), never removed. False when
+    there was none (idempotent)."""
+    _check_network_name(name)
+    bridge = bridge_name_for(name)
+    if _network_exists(conn, name):
+        net = call(f"network {name}", conn.networkLookupByName, name)
+        try:
+            ours = net.bridgeName() == bridge
+        except libvirt.libvirtError:
+            ours = f"name='{bridge}'" in call(f"network {name}: XML", net.XMLDesc, 0)
+        if not ours:
+            raise Refused(f"network {name} was not made by Standby (its bridge is not {bridge}); not removing it")
+    elif not (is_local(conn) and _is_bridge(bridge)):
+        return False
+    remove_network(conn, name)
+    return True

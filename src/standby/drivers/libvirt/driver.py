@@ -132,10 +132,11 @@ class LibvirtDriver:
 
         start_vm(self.conn, name)
 
-    def shutdown_vm(self, name: str, timeout: float = 60.0) -> None:
+    def shutdown_vm(self, name: str, timeout: float = 60.0) -> bool:
+        """Graceful shutdown, powered off at `timeout`; True when the guest stopped by itself."""
         from standby.drivers.libvirt.domains import shutdown_vm
 
-        shutdown_vm(self.conn, name, timeout)
+        return shutdown_vm(self.conn, name, timeout)
 
     def destroy_vm(self, name: str) -> None:
         from standby.drivers.libvirt.domains import destroy_vm
@@ -146,6 +147,32 @@ class LibvirtDriver:
         from standby.drivers.libvirt.domains import undefine_vm
 
         undefine_vm(self.conn, name)
+
+    def domain_xml(self, name: str) -> str:
+        """The VM's persistent (inactive) definition: what a replica VM is defined from."""
+        import libvirt
+
+        dom = self._lookup(name)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if dom.isPersistent() else 0
+        return str(call(f"VM {name}: XML", dom.XMLDesc, flags))
+
+    def create_network(self, name: str) -> str:
+        """An isolated network (idempotent); returns what NICs attach to (see domains)."""
+        from standby.drivers.libvirt.domains import create_isolated_network
+
+        return create_isolated_network(self.conn, name)
+
+    def delete_network(self, name: str) -> bool:
+        """Remove an isolated network Standby made; False when there is none."""
+        from standby.drivers.libvirt.domains import remove_isolated_network
+
+        return remove_isolated_network(self.conn, name)
+
+    def isolated_attachment(self, name: str) -> str:
+        """What to attach a NIC to for isolated network `name` (`network:N` or `bridge:B`)."""
+        from standby.drivers.libvirt.domains import isolated_attachment
+
+        return isolated_attachment(self.conn, name)
 
     def events(self) -> Iterator[str]:
         raise NotImplementedError("libvirt domain events are not implemented yet")
