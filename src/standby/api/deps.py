@@ -6,7 +6,7 @@ so a route returns plain response models, never ORM objects.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
@@ -167,6 +167,17 @@ def mapping_out(mapping: NetworkMapping) -> schemas.MappingOut:
     )
 
 
+def current_rpo(item: ProtectedItem, now: datetime | None = None) -> float | None:
+    """The RPO now: the age of the latest recovery point (what the scheduler judges health
+    by), not the value stored when the last cycle ended."""
+    at = item.last_recovery_point_at
+    if at is None:
+        return None
+    if at.tzinfo is None:  # SQLite hands back naive UTC
+        at = at.replace(tzinfo=UTC)
+    return max(0.0, ((now or datetime.now(UTC)) - at).total_seconds())
+
+
 def item_out(item: ProtectedItem) -> schemas.ItemOut:
     return schemas.ItemOut(
         id=item.id,
@@ -181,7 +192,7 @@ def item_out(item: ProtectedItem) -> schemas.ItemOut:
         state_changed_at=item.state_changed_at,
         health=item.health,
         health_reason=item.health_reason,
-        rpo_seconds=item.rpo_seconds,
+        rpo_seconds=current_rpo(item),
         last_recovery_point_id=item.last_recovery_point_id,
         last_recovery_point_at=item.last_recovery_point_at,
         bytes_replicated=item.bytes_replicated,
