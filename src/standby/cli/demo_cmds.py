@@ -30,7 +30,7 @@ def demo_cmd(
     keep: bool = typer.Option(False, "--keep", help="Leave the control plane, agents and guests running."),
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object of the figures."),
 ) -> None:
-    """Run the demo: two sites on this machine, protect two guests, replicate, show health."""
+    """Run the demo: two sites on this machine; protect two guests, replicate, drill, fail over and back."""
     from standby.demo.run import Demo
 
     for name in ("single-server-two-clouds.yaml", "kvm-two-sites.yaml", "hyperv-vmm.yaml"):
@@ -53,7 +53,11 @@ def demo_cmd(
     console.rule("[bold]summary")
     console.print(f"initial replication: {f['initial_replication_bytes'] / 1e6:.1f} MB in "
                   f"{f['initial_replication_seconds']} s; worst RPO {f['rpo_seconds_max']} s; "
-                  f"{f['bytes_replicated'] / 1e6:.1f} MB replicated in all")
+                  f"{f['bytes_replicated'] / 1e6:.1f} MB replicated before the drills")
+    pf, fb = f["planned_failover"], f["failback"]
+    console.print(f"planned failover: {pf['records_lost']} records lost in {pf['seconds']} s; reverse replication "
+                  f"{f['reverse_replication_bytes'] / 1e6:.2f} MB; failback {fb['records_lost']} records lost, "
+                  f"{fb['bytes_moved'] / 1e6:.2f} MB in {fb['seconds']} s")
     if keep:
         console.print(f"left running: control plane {result.url}, work dir {result.workdir}")
     sys.stdout.flush()

@@ -4,12 +4,15 @@ clouds" deployment, with real test guests, driven through the REST API like an o
 Stages (each timed, each a line of output): readiness of the example fabric, libvirt and
 the test guest, two guests writing records, the control plane and two agents, live
 readiness, policy and pairing, protection (initial replication), scheduled delta cycles,
-replication health. `run_demo` returns the figures; the CLI prints them.
+replication health; then a test failover with cleanup, a planned failover whose records
+lost are counted from the guests' own records (must be 0), commit, reverse replication
+(only differing blocks) and failback. `Demo.run` returns the figures; the CLI prints them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +29,8 @@ GUESTS = ("demo-web", "demo-db")
 POLICY = "demo-30s"
 COPY_FREQUENCY = 30  # seconds: the reference's shortest copy frequency
 RATE = 10  # records per second each guest writes
+REPLICA_PREFIX = "dr-"  # replica VMs' names on the secondary (both sites share one libvirtd here)
+DRILL_VM = GUESTS[0]
 
 
 @dataclass
@@ -115,7 +120,7 @@ class Demo:
             d.init()
             d.start_server()
             d.add_agent("host-a", cloud=PRIMARY_CLOUD, domains=["demo-*"])
-            d.add_agent("host-b", cloud=SECONDARY_CLOUD, domains=["dr-*"])
+            d.add_agent("host-b", cloud=SECONDARY_CLOUD, domains=["dr-*"], vm_prefix=REPLICA_PREFIX)
             api = d.client()
             d.wait_for(lambda: {v["name"] for v in api.get("/vms", params={"cloud": PRIMARY_CLOUD})["items"]}
                        >= set(GUESTS), 60, "inventory of the primary cloud", log=d.server)
@@ -170,9 +175,86 @@ class Demo:
                 health={i["vm"]: i["health"] for i in self.result.items},
             )
             s.detail = ", ".join(f"{i['vm']} {i['health']}" for i in self.result.items)
+        self._recovery(d, api)
         return self.result
 
+    def _op(self, d: LocalDeployment, api: Any, vm: str, action: str, body: dict[str, Any] | None = None,
+            timeout: float = 600) -> dict[str, Any]:
+        res = api.post(f"/items/{vm}/{action}", json=body or {})
+        job = d.wait_job(res["job"]["id"], timeout)
+        if job["state"] != "succeeded":
+            raise StandbyError(f"{action} of {vm}: job {job['id']} ended {job['state']}: {job.get('error')}")
+        return job
+
+    def _recovery(self, d: LocalDeployment, api: Any) -> None:
+        vm, replica = DRILL_VM, REPLICA_PREFIX + DRILL_VM
+        test_vm = replica + "-test"
+        f = self.result.figures
+
+        with self.step(f"test failover of {vm} (isolated network) and cleanup") as s:
+            before = d.item(vm)["last_recovery_point_id"]
+            self._op(d, api, vm, "test-failover", {"point": "latest", "network": {"mode": "isolated"}})
+            start = _start_seq(self._console(test_vm))
+            source_running = self._running(vm)
+            api.post(f"/items/{vm}/replicate-now")
+            d.wait_for(lambda: d.item(vm)["last_recovery_point_id"] != before, 120, "a cycle during the drill")
+            self._op(d, api, vm, "test-failover/cleanup", {"notes": "demo drill: test VM booted, records intact"})
+            f["test_failover"] = {"test_vm_found_records": start, "source_kept_running": source_running,
+                                  "replication_continued": True}
+            s.detail = (f"test VM found {start} records and wrote on; source kept running: {source_running}; "
+                        "replication continued")
+
+        with self.step(f"planned failover of {vm}") as s:
+            job = self._op(d, api, vm, "failover", {"type": "planned"})
+            acked = self._console(vm).acked()  # the source is off: its last acknowledged record is final
+            start = _start_seq(self._console(replica))
+            lost = acked - (start - 1)
+            f["planned_failover"] = {"source_last_record": acked, "replica_first_record": start,
+                                     "records_lost": lost, "seconds": _job_seconds(job)}
+            s.detail = f"source wrote up to record {acked}; the replica went on from {start}: {lost} records lost"
+            if lost != 0:
+                raise StandbyError(f"planned failover lost {lost} records")
+
+        with self.step(f"commit and reverse replication of {vm}") as s:
+            self._op(d, api, vm, "commit")
+            job = self._op(d, api, vm, "reverse-replicate")
+            moved = _bytes_moved(job)
+            f["reverse_replication_bytes"] = moved
+            s.detail = f"{moved / 1e6:.2f} MB moved (only the blocks that differ from the old disk)"
+
+        with self.step(f"failback of {vm}") as s:
+            replica_console = self._console(replica)
+            job = self._op(d, api, vm, "failback")
+            acked = replica_console.acked()
+            start = _start_seq(self._console(vm))
+            lost = acked - (start - 1)
+            f["failback"] = {"replica_last_record": acked, "source_first_record": start, "records_lost": lost,
+                             "bytes_moved": _bytes_moved(job), "seconds": _job_seconds(job)}
+            d.wait_for(lambda: d.item(vm)["state"] == "protected", 300, "forward replication after failback")
+            s.detail = f"{lost} records lost, {f['failback']['bytes_moved'] / 1e6:.2f} MB moved; protected again"
+        f["records_lost_planned_failover"] = f["planned_failover"]["records_lost"]
+        self.result.items = api.get("/items")["items"]
+
     # ------------------------------------------------------------------ helpers
+
+    def _console(self, domain: str) -> Any:
+        """A domain's serial console log (its path from the domain XML)."""
+        import xml.etree.ElementTree as ET
+
+        from standby.testing import guest
+
+        src = ET.fromstring(self._libvirt().lookupByName(domain).XMLDesc(0)).find("./devices/serial/source")
+        if src is None:
+            raise StandbyError(f"{domain} has no serial console")
+        return guest.Console(src.get("path", ""))
+
+    def _running(self, domain: str) -> bool:
+        import libvirt
+
+        try:
+            return bool(self._libvirt().lookupByName(domain).isActive())
+        except libvirt.libvirtError:
+            return False
 
     def _libvirt(self) -> Any:
         if self._conn is None:
@@ -196,7 +278,7 @@ class Demo:
         dom.undefineFlags(flags)
 
     def _fresh_workdir(self) -> None:
-        for vm in GUESTS:
+        for vm in (*GUESTS, *(REPLICA_PREFIX + g for g in GUESTS), *(REPLICA_PREFIX + g + "-test" for g in GUESTS)):
             self._remove_domain(vm)
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
@@ -219,9 +301,35 @@ class Demo:
         if self.deployment is not None:
             self.deployment.close()
         if self._conn is not None:
-            for vm in GUESTS:
+            for vm in (*GUESTS, *(REPLICA_PREFIX + g for g in GUESTS), *(REPLICA_PREFIX + g + "-test" for g in GUESTS)):
                 with contextlib.suppress(Exception):
                     self._remove_domain(vm)
             self._conn.close()
             self._conn = None
 
+
+
+_START = re.compile(r"standby-guest: write start=(\d+)")
+
+
+def _start_seq(console: Any, timeout: float = 180) -> int:
+    """The first record a (re)booted guest writes: one past the last whole record it found."""
+    found = console.wait_for(lambda c: _START.findall(c.text()), timeout)
+    return int(found[-1])
+
+
+def _job_seconds(job: dict[str, Any]) -> float | None:
+    from datetime import datetime
+
+    if not job.get("started_at") or not job.get("ended_at"):
+        return None
+    t0, t1 = (datetime.fromisoformat(str(job[k])) for k in ("started_at", "ended_at"))
+    return round((t1 - t0).total_seconds(), 1)
+
+
+def _bytes_moved(job: dict[str, Any]) -> int:
+    result = job.get("result") or {}
+    for key in ("bytes_moved", "bytes_sent"):
+        if key in result:
+            return int(result[key])
+    return 0
