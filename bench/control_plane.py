@@ -22,7 +22,7 @@ dispatches real tasks and the API applies real results. Doubles run on threads o
 separate load process, with the operator clients, so that they do not share a GIL with
 the ticks.
 
-Population: `--items` (default 5,000) VMs on `--items / 50` primary hosts and as many
+Population: `--items` (default 5,000) VMs, `--vms-per-host` (100) on each primary host, as many
 secondary hosts, one double per host; a policy (POST /policies: copy frequency
 `--copy-frequency`, default 300 s, the policy default; latest point only) and a pairing
 (POST /pairings). Protected items are created in bulk through `store.repo.items.create`
@@ -93,14 +93,18 @@ import httpx  # noqa: E402
 from standby.replication import tls  # noqa: E402
 
 API = "/api/v1"
-VMS_PER_HOST = 50
+VMS_PER_HOST = 100  # default of --vms-per-host: 5,000 items on 50 primary hosts
 SERVER_TICK_SECONDS = 86400.0  # the server's own scheduler: this process ticks instead
 CYCLE_BYTES = 1 << 20  # bytes_sent of every simulated cycle: applied cycles = sum(bytes_replicated) / this
 CLAIM_MAX = 4  # tasks asked for per claim (the contract's example)
 OPERATOR_MIX = [("status", 15), ("items_page", 25), ("item", 35), ("jobs", 15), ("alerts", 10)]
 SITE_A, SITE_B = "bench-site-a", "bench-site-b"
 SERVER_A, SERVER_B = "bench-mgr-a", "bench-mgr-b"
-CLOUD_A, CLOUD_B = "bench-primary", "bench-secondary"
+HOSTS_PER_CLOUD = 5  # default of --hosts-per-cloud: 5,000 items in 10 pairs of clouds
+
+
+def cloud_name(role: str, index: int) -> str:
+    return f"bench-{'primary' if role == 'primary' else 'secondary'}-{index:02d}"
 
 
 def log(msg: str) -> None:
@@ -178,12 +182,13 @@ class ScriptedAgentDouble:
     real agent's result shapes, docs/control-plane.md "Tasks"); it never replicates a
     byte. Not thread-safe: one thread drives a double at a time."""
 
-    def __init__(self, name: str, *, role: str, base_url: str, ca: Path, workdir: Path, vms: int = 0) -> None:
+    def __init__(self, name: str, *, role: str, base_url: str, ca: Path, workdir: Path, vms: int = 0,
+                 cloud: str = "") -> None:
         self.name = name
         self.vms = vms
         self.host = name
         self.role = role  # "primary" or "secondary"
-        self.cloud = CLOUD_A if role == "primary" else CLOUD_B
+        self.cloud = cloud
         self.site = SITE_A if role == "primary" else SITE_B
         self.server = SERVER_A if role == "primary" else SERVER_B
         self.base_url = base_url
@@ -339,18 +344,20 @@ def load_main(cfg_path: str) -> None:
         d.connect()
     stop = threading.Event()
     drain = threading.Event()
-    idle_rounds = [0] * cfg["double_threads"]
-    t_doubles = [Timings() for _ in range(cfg["double_threads"])]
+    n_threads = max(1, min(cfg["double_threads"], len(doubles)))
+    idle_rounds = [0] * n_threads
+    t_doubles = [Timings() for _ in range(n_threads)]
     errors: list[str] = []
     transient: list[str] = []
     rnd = random.Random(cfg["seed"])
     for d in doubles:  # spread the first polls, heartbeats and inventories over their periods
         d.next_poll = time.monotonic() + rnd.random() * cfg["poll_seconds"]
         d.next_heartbeat = time.monotonic() + rnd.random() * d.heartbeat_seconds
-        d.next_inventory = time.monotonic() + rnd.random() * cfg["inventory_seconds"]
+        d.next_inventory = (time.monotonic() + rnd.random() * cfg["inventory_seconds"]
+                            if cfg["inventory_seconds"] > 0 else float("inf"))
 
     def drive(k: int) -> None:
-        mine = doubles[k :: cfg["double_threads"]]
+        mine = doubles[k::n_threads]
         t = t_doubles[k]
         try:
             while not stop.is_set():
@@ -378,7 +385,7 @@ def load_main(cfg_path: str) -> None:
         except Exception:  # noqa: BLE001 - reported to the parent
             errors.append(traceback.format_exc())
 
-    drivers = [threading.Thread(target=drive, args=(k,), daemon=True) for k in range(cfg["double_threads"])]
+    drivers = [threading.Thread(target=drive, args=(k,), daemon=True) for k in range(n_threads)]
     for th in drivers:
         th.start()
     time.sleep(cfg["warmup_s"])
@@ -561,38 +568,49 @@ class BackendRun:
         from standby.store import open_store
 
         self.store = open_store(self.cp.settings().url)
-        hosts = max(1, -(-a.items // VMS_PER_HOST))
+        hosts = max(1, -(-a.items // a.vms_per_host))
         op = httpx.Client(base_url=self.cp.url, verify=_ctx(self.cp.ca), timeout=60,
                           headers={"Authorization": f"Bearer {self.cp.token}"})
         try:
             key = _check(op.post(f"{API}/registration-keys", json={"description": "bench doubles", "valid_days": 1}),
                          "registration key")["key"]
             agents_dir = self.workdir / "agents"
+            clouds = -(-hosts // a.hosts_per_cloud)
             for i in range(hosts):
                 for role, prefix in (("primary", "bench-a"), ("secondary", "bench-b")):
                     self.doubles.append(ScriptedAgentDouble(f"{prefix}{i:03d}", role=role, base_url=self.cp.url,
-                                                            ca=self.cp.ca, workdir=agents_dir))
+                                                            ca=self.cp.ca, workdir=agents_dir,
+                                                            cloud=cloud_name(role, i // a.hosts_per_cloud)))
             # Agents register concurrently, as a fleet being installed does.
             with ThreadPoolExecutor(a.clients) as pool:
                 list(pool.map(lambda d: d.register(key), self.doubles))
             log(f"{self.backend}: {len(self.doubles)} agent doubles registered ({time.perf_counter() - t0:.1f} s)")
             t = Timings()
             left = a.items
+            primary_puts: list[float] = []  # ms of each primary's PUT, in order (its cloud growing)
             for d in self.doubles:
                 d.connect()
-                d.vms = min(VMS_PER_HOST, left) if d.role == "primary" else 0
+                d.vms = min(a.vms_per_host, left) if d.role == "primary" else 0
                 left -= d.vms
                 d.put_inventory(t)
+                if d.role == "primary":
+                    primary_puts.append(t.rows[-1][2] * 1000)
                 d.heartbeat(t)
                 d.close()
             inv_ms = [row[2] * 1000 for row in t.rows if row[0] == "inventory"]
-            log(f"{self.backend}: inventory of {a.items} VMs reported (PUT /agent/inventory median "
-                f"{med(inv_ms):.0f} ms) ({time.perf_counter() - t0:.1f} s)")
+            # The last host of the first cloud reports into a cloud of hosts_per_cloud hosts.
+            full = primary_puts[min(len(primary_puts), a.hosts_per_cloud) - 1]
+            log(f"{self.backend}: inventory of {a.items} VMs in {clouds} primary clouds reported (PUT /agent/inventory "
+                f"of a primary: first {primary_puts[0]:.0f} ms, into a full cloud {full:.0f} ms) "
+                f"({time.perf_counter() - t0:.1f} s)")
             _check(op.post(f"{API}/policies", json={"name": "bench", "copy_frequency_seconds": a.copy_frequency,
                                                     "recovery_point_retention_hours": 0}), "policy")
-            pairing = _check(op.post(f"{API}/pairings", json={"primary_cloud": CLOUD_A, "secondary_cloud": CLOUD_B,
-                                                               "policy": "bench"}), "pairing")
-            self.n_items = self._create_items(pairing["id"], hosts)
+            pairings = {}
+            for c in range(clouds):
+                body = {"primary_cloud": cloud_name("primary", c), "secondary_cloud": cloud_name("secondary", c),
+                        "policy": "bench"}
+                pairings[c] = _check(op.post(f"{API}/pairings", json=body), "pairing")["id"]
+            self.n_items = self._create_items(pairings)
             for d in self.doubles:  # populating may have taken longer than the heartbeat timeout
                 d.connect()
                 d.heartbeat(t)
@@ -600,36 +618,45 @@ class BackendRun:
             log(f"{self.backend}: {self.n_items} protected items created ({time.perf_counter() - t0:.1f} s)")
         finally:
             op.close()
-        return {"populate_s": round(time.perf_counter() - t0, 2), "inventory_put_ms": round(med(inv_ms), 1)}
+        return {"populate_s": round(time.perf_counter() - t0, 2), "clouds": 2 * clouds,
+                "inventory_put_ms": round(med(inv_ms), 1),
+                "inventory_put_full_cloud_ms": round(full, 1),
+                # one round of every primary's inventory, as the real agents send every 60 s
+                "inventory_round_s": round(sum(primary_puts) / 1000, 2)}
 
-    def _create_items(self, pairing_id: int, hosts: int) -> int:
+    def _create_items(self, pairings: dict[int, int]) -> int:
         from sqlalchemy import select
 
+        from sqlalchemy import update
+
         from standby.orchestration.replicate import disk_id_for
-        from standby.store.models import Host, Policy, Vm
+        from standby.store.models import Host, Policy, ProtectedItem, Vm
         from standby.store.repo import items
 
         now = datetime.now(UTC)
         period = max(self.a.copy_frequency, 1)
         rnd = random.Random(self.a.seed)
-        with self.store.transaction() as s:
+        with self.store.read() as s:
             policy_id = s.scalars(select(Policy.id).where(Policy.name == "bench")).one()
             host_ids = dict(s.execute(select(Host.name, Host.id)).all())
             vms = s.execute(select(Vm.id, Vm.name, Host.name).join(Host, Host.id == Vm.host_id)
                             .where(Host.name.like("bench-a%")).order_by(Vm.id)).all()
-            n = 0
-            for vm_id, vm, host in vms:
-                secondary = host_ids["bench-b" + host[len("bench-a"):]]
-                item = items.create(s, vm_id=vm_id, pairing_id=pairing_id, policy_id=policy_id, state="protected",
-                                    secondary_host_id=secondary, details={"disk_ids": [disk_id_for(vm, "vda")]},
-                                    next_cycle_at=now + timedelta(seconds=rnd.random() * period), now=now)
-                item.last_recovery_point_id = "p-seed"
-                item.last_recovery_point_at = now
-                item.rpo_seconds = 0.0
-                item.last_cycle_at = now
-                self.item_refs.append(vm)
-                n += 1
-        return n
+        # Transactions of 250 items: one session holding thousands of objects makes every
+        # autoflush scan them all.
+        for chunk in range(0, len(vms), 250):
+            with self.store.transaction() as s:
+                for vm_id, vm, host in vms[chunk : chunk + 250]:
+                    index = int(host[len("bench-a"):])
+                    items.create(s, vm_id=vm_id, pairing_id=pairings[index // self.a.hosts_per_cloud],
+                                 policy_id=policy_id, state="protected",
+                                 secondary_host_id=host_ids[f"bench-b{index:03d}"],
+                                 details={"disk_ids": [disk_id_for(vm, "vda")]},
+                                 next_cycle_at=now + timedelta(seconds=rnd.random() * period), now=now)
+                    self.item_refs.append(vm)
+        with self.store.transaction() as s:  # as if each had its initial replication behind it
+            s.execute(update(ProtectedItem).values(last_recovery_point_id="p-seed", last_recovery_point_at=now,
+                                                   rpo_seconds=0.0, last_cycle_at=now))
+        return len(vms)
 
     def probe_item_list(self) -> dict[str, Any]:
         """GET /items?limit=100 once. An API that ignores the limit lists every item on every
@@ -686,7 +713,7 @@ class BackendRun:
         work = self.workdir / f"rep{rep}"
         before: dict[str, int] | None = None
         t_before = 0.0
-        ticks: list[tuple[float, float, float]] = []  # (wall start, cpu s, wall s)
+        ticks: list[tuple[float, float, float, Any]] = []  # (wall start, cpu s, wall s, TickReport)
         load = self.start_load(work, warmup_s=a.warmup, requests=a.requests, clients=a.clients,
                                min_window_s=a.min_window, seed=a.seed + rep, drain_timeout_s=120.0)
         try:
@@ -701,8 +728,8 @@ class BackendRun:
                     t0 = time.time()
                     c0 = time.thread_time()
                     p0 = time.perf_counter()
-                    scheduler.tick()
-                    ticks.append((t0, time.thread_time() - c0, time.perf_counter() - p0))
+                    report = scheduler.tick()
+                    ticks.append((t0, time.thread_time() - c0, time.perf_counter() - p0, report))
                     next_tick += a.tick_seconds
                     if next_tick < time.monotonic():  # a tick longer than the period: no catch-up burst
                         next_tick = time.monotonic()
@@ -739,6 +766,10 @@ class BackendRun:
             "api_requests_per_s": len(rows) / window,
             "by_endpoint": by,
             "scheduler_ticks": len(in_window),
+            "tick_cycles_dispatched": sum(t[3].cycles_dispatched for t in in_window),
+            "tick_dispatch_skipped": sum(t[3].dispatch_skipped for t in in_window),
+            "tick_agents_stale_max": max((t[3].agents_stale for t in in_window), default=0),
+            "tick_items_checked": max((t[3].items_checked for t in in_window), default=0),
             "scheduler_tick_cpu_ms": med(cpu) * 1000, "scheduler_tick_wall_ms": med(wall) * 1000,
             "scheduler_cpu_fraction": sum(cpu) / window,
             "cycles_dispatched_per_s": (mid["dispatched"] - before["dispatched"]) / (t_mid - t_before),
@@ -749,8 +780,8 @@ class BackendRun:
         }
 
     def burst(self, scheduler: Any) -> dict[str, Any]:
-        """Every item due now; ticks until all their cycles are dispatched and applied (the
-        doubles answer as they do in the repetitions)."""
+        """Every item due now; ticks until all their cycles are dispatched and applied, or for
+        --burst-seconds at most (the doubles answer as they do in the repetitions)."""
         from sqlalchemy import update
 
         from standby.store.models import ProtectedItem
@@ -762,16 +793,22 @@ class BackendRun:
         load = self.start_load(work, warmup_s=0.0, requests=0, clients=1, min_window_s=0.0, seed=self.a.seed,
                                drain_timeout_s=600.0)
         t0 = time.perf_counter()
-        target = before["applied"] + self.n_items
         done = False
+        applied = 0
+        tick_cpu: list[float] = []
+        dispatched: list[int] = []
         try:
-            deadline = time.monotonic() + self.a.burst_timeout
+            deadline = time.monotonic() + self.a.burst_seconds
             while time.monotonic() < deadline:
                 if load.poll() is not None:
                     raise RuntimeError(f"the load process exited ({load.returncode})")
                 tick0 = time.monotonic()
-                scheduler.tick()
-                if self.counters()["applied"] >= target:
+                c0 = time.thread_time()
+                report = scheduler.tick()
+                tick_cpu.append(time.thread_time() - c0)
+                dispatched.append(report.cycles_dispatched)
+                applied = self.counters()["applied"] - before["applied"]
+                if applied >= self.n_items:
                     done = True
                     break
                 time.sleep(max(0.0, self.a.tick_seconds - (time.monotonic() - tick0)))
@@ -785,9 +822,12 @@ class BackendRun:
         res = json.loads((work / "load.json").read_text())
         if res["errors"]:
             raise RuntimeError("the load process failed in the burst:\n" + "\n".join(res["errors"][:3]))
-        after = self.counters()
-        applied = after["applied"] - before["applied"]
+        busy = [c for c, n in zip(tick_cpu, dispatched, strict=True) if n > 0]
         return {"cycle_burst_s": round(secs, 2), "cycle_burst_per_s": round(applied / secs, 1),
+                "cycle_burst_applied": applied,
+                # a tick that dispatches (up to the scheduler's batch per tick), per cycle dispatched
+                "cycle_burst_tick_cpu_ms": round(med(busy) * 1000, 1) if busy else None,
+                "dispatch_cpu_ms_per_cycle": round(sum(busy) * 1000 / max(1, sum(dispatched)), 3),
                 "cycle_burst_complete": done, "cycle_burst_drained": res["drained"],
                 "cycle_burst_http_errors": sum(1 for r in res["rows"] if r[3] >= 400)}
 
@@ -842,8 +882,9 @@ def run_backend(args: argparse.Namespace, backend: str, root: Path, pg: Any) -> 
         out["items_listed_per_page"] = reps[-1]["items_listed_per_page"]
         if not args.no_burst:
             out.update(run.burst(scheduler))
-            log(f"{backend} burst: {run.n_items} cycles in {out['cycle_burst_s']} s "
-                f"({out['cycle_burst_per_s']}/s)")
+            log(f"{backend} burst: {out['cycle_burst_applied']} of {run.n_items} items' cycles applied in "
+                f"{out['cycle_burst_s']} s ({out['cycle_burst_per_s']}/s; a dispatching tick "
+                f"{out['cycle_burst_tick_cpu_ms']} ms CPU)")
         final = run.counters()
         out["cycles_dispatched"] = final["dispatched"]
         out["cycles_applied"] = final["applied"]
@@ -871,7 +912,12 @@ FIGURES = [
     ("cycles_due_per_s", "cycles due/s (items / copy frequency)"),
     ("cycles_dispatched_per_s", "cycles dispatched/s"), ("cycles_applied_per_s", "cycles applied/s"),
     ("cycle_burst_per_s", "burst: cycles applied/s, all items due"), ("cycle_burst_s", "burst: seconds"),
-    ("all_cycles_applied", "every dispatched cycle applied"), ("populate_s", "populate (s)"),
+    ("dispatch_cpu_ms_per_cycle", "burst: tick CPU per cycle dispatched (ms)"),
+    ("all_cycles_applied", "every dispatched cycle applied"),
+    ("items_list_probe_ms", "GET /items, every item (ms)"),
+    ("inventory_put_full_cloud_ms", "PUT /agent/inventory into a full cloud (ms)"),
+    ("inventory_round_s", "one inventory round of every primary (s)"),
+    ("populate_s", "populate (s)"),
 ]
 
 
@@ -913,24 +959,30 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object of named figures")
-    ap.add_argument("--items", type=int, default=5000, help="protected items (50 VMs per primary host)")
+    ap.add_argument("--items", type=int, default=5000, help="protected items")
+    ap.add_argument("--vms-per-host", type=int, default=VMS_PER_HOST,
+                    help="VMs per primary host (one agent double per host, as many secondary hosts)")
+    ap.add_argument("--hosts-per-cloud", type=int, default=HOSTS_PER_CLOUD,
+                    help="hosts per cloud (each primary cloud paired with a secondary cloud of as many hosts)")
     ap.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     ap.add_argument("--quick", action="store_true", help="1 repetition of 300 requests, a 1 s warm-up")
     ap.add_argument("--reps", type=int, default=0, help="repetitions (default 3, --quick 1)")
     ap.add_argument("--requests", type=int, default=0, help="operator requests per repetition (default 2000)")
     ap.add_argument("--clients", type=int, default=8, help="operator client threads")
-    ap.add_argument("--double-threads", type=int, default=4, help="threads driving the agent doubles")
+    ap.add_argument("--double-threads", type=int, default=10, help="threads driving the agent doubles")
     ap.add_argument("--poll-seconds", type=float, default=1.0,
                     help="how often each double claims tasks (the real agent: about every second)")
-    ap.add_argument("--inventory-seconds", type=float, default=60.0,
-                    help="how often each double reports its inventory again (the real agent: 60 s)")
+    ap.add_argument("--inventory-seconds", type=float, default=0.0,
+                    help="how often each double reports its inventory again during the run (the real agent: "
+                         "60 s; default 0: only at population, see inventory_round_s)")
     ap.add_argument("--copy-frequency", type=int, default=300, choices=[0, 30, 300, 900])
     ap.add_argument("--tick-seconds", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds of doubles only before each window")
     ap.add_argument("--min-window", type=float, default=0.0,
                     help="the operators go on until this many seconds passed too (default 10, --quick 4)")
     ap.add_argument("--no-burst", action="store_true", help="skip the all-items-due burst")
-    ap.add_argument("--burst-timeout", type=float, default=300.0)
+    ap.add_argument("--burst-seconds", type=float, default=30.0,
+                    help="the burst's length at most (it ends earlier once every item's cycle is applied)")
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
@@ -942,12 +994,13 @@ def main() -> None:
         ap.error("--copy-frequency 0 (continuous) has no steady due rate to compare with; use 30, 300 or 900")
 
     def on_signal(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one interrupt: the cleanup must not be cut short
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     root = Path(tempfile.mkdtemp(prefix="standby-bench-cp-", dir=args.dir))
-    hosts = max(1, -(-args.items // VMS_PER_HOST))
+    hosts = max(1, -(-args.items // args.vms_per_host))
     out: dict[str, Any] = {
         "items": args.items, "hosts": 2 * hosts, "agents": 2 * hosts,
         "items_created_via": "store.repo.items.create in bulk (POST /items runs readiness and a protect job per VM)",
@@ -955,7 +1008,8 @@ def main() -> None:
                    "double_threads": args.double_threads, "poll_seconds": args.poll_seconds,
                    "inventory_seconds": args.inventory_seconds, "claim_max": CLAIM_MAX,
                    "copy_frequency_seconds": args.copy_frequency, "tick_seconds": args.tick_seconds,
-                   "warmup_s": args.warmup, "vms_per_host": VMS_PER_HOST, "operator_mix": dict(OPERATOR_MIX),
+                   "warmup_s": args.warmup, "vms_per_host": args.vms_per_host,
+                   "hosts_per_cloud": args.hosts_per_cloud, "operator_mix": dict(OPERATOR_MIX),
                    "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
     }
     cluster = None
