@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from standby import __version__
 from standby.api import deps, errors, schemas
-from standby.api.routes import admin, agents, inventory, items, jobs, policies
+from standby.api.routes import admin, agents, inventory, items, jobs, plans, policies, recovery
 
 log = logging.getLogger("standby.api")
 
@@ -67,6 +67,6 @@ def create_app(services: deps.Services) -> FastAPI:
     app.include_router(admin.public, prefix=PREFIX, responses=_ERRORS)
     app.include_router(agents.public, prefix=PREFIX, responses=_ERRORS)
     app.include_router(agents.agent_router, prefix=PREFIX, responses={**_AUTH_ERRORS, **_ERRORS})
-    for module in (admin, agents, inventory, policies, items, jobs):
+    for module in (admin, agents, inventory, policies, items, jobs, recovery, plans):
         app.include_router(module.router, prefix=PREFIX, responses={**_AUTH_ERRORS, **_ERRORS})
     return app
