@@ -217,3 +217,18 @@ def test_register_takes_a_vm_prefix() -> None:
 
     out = CliRunner().invoke(agent_app, ["register", "--help"])
     assert out.exit_code == 0 and "--vm-prefix" in out.output
+
+
+def test_prune_keeps_the_points_named_in_keep(env: TaskEnv) -> None:
+    """A committed failover's release of older points (prune, retention 0) keeps its point."""
+    rng = random.Random(9)
+    p1, p2, p3 = (_commit(env.store, "web-vda", rng.randbytes(SIZE)) for _ in range(3))
+    q1, q2 = (_commit(env.store, "web-vdb", rng.randbytes(SIZE)) for _ in range(2))
+    bad = execute(env, {"id": 1, "kind": "prune", "params": {"disk_ids": ["web-vda"], "keep": ["x"]}})
+    assert not bad.ok and bad.error_type == "BadInput", bad
+    out = execute(env, {"id": 2, "kind": "prune", "params": {"disk_ids": ["web-vda", "web-vdb"], "retention_hours": 0,
+                                                             "keep": {"web-vda": p1}}})
+    assert out.ok, out
+    assert out.result["removed"] == {"web-vda": [p2], "web-vdb": [q1]}
+    assert [p.id for p in env.store.disk("web-vda").points()] == [p1, p3]
+    assert [p.id for p in env.store.disk("web-vdb").points()] == [q2]

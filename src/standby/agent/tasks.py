@@ -329,7 +329,7 @@ def run_seed_export(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgr
 
 
 def run_prune(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
-    """Retention: remove the points the policy does not keep (latest and pinned stay)."""
+    """Retention: remove the points the policy does not keep (latest, pinned and `keep` stay)."""
     from standby.domain.retention import RetentionPolicy
 
     ids = _disk_ids(params)
@@ -345,6 +345,10 @@ def run_prune(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
                                  _number(params, "keep_all_minutes", 0.0) or 0.0)
     except ValueError as exc:
         raise BadInput(f"retention policy: {exc}") from None
+    # `keep`: {disk_id: point_id} kept whatever the policy says (a committed failover's point).
+    keep = params.get("keep") or {}
+    if not isinstance(keep, Mapping) or not all(isinstance(v, str) and v for v in keep.values()):
+        raise BadInput(f"task parameter 'keep' must be an object {{disk_id: point_id}}, not {keep!r}")
     now = time.time()
     removed: dict[str, list[str]] = {}
     missing: list[str] = []
@@ -353,7 +357,7 @@ def run_prune(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
         if disk is None:
             missing.append(disk_id)  # not replicated yet: nothing to prune
             continue
-        removed[disk_id] = disk.prune(policy, now)
+        removed[disk_id] = disk.prune(policy, now, keep=[keep[disk_id]] if disk_id in keep else [])
     return {"removed": removed, "missing": missing}
 
 

@@ -123,7 +123,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, MutableSet
+from collections.abc import Iterable, Iterator, MutableSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -905,11 +905,12 @@ class DiskReplica:
                             mismatched, problems)
 
     # -- retention ------------------------------------------------------------------
-    def prune(self, policy: RetentionPolicy, now: float) -> list[str]:
-        """Remove the points the policy does not keep (pinned points stay); returns their ids."""
+    def prune(self, policy: RetentionPolicy, now: float, keep: Iterable[str] = ()) -> list[str]:
+        """Remove the points the policy does not keep (pinned points and those in `keep`
+        stay); returns their ids."""
         with self._locked():
             pts = self._scan_points()
-            pinned = set(self.pinned().values())
+            pinned = set(self.pinned().values()) | set(keep)
             remove = points_to_remove([(p.id, p.created_at, p.consistency) for p in pts], policy, now, pinned)
             for pid in remove:
                 self._remove_point(pid)
