@@ -15,7 +15,8 @@ guest, through `tasks.execute` as the agent runs them:
   a forced hash-scan cycle from the replica VM on a changed copy (disk_ids naming the
   original VM's replica disk) sends only the changed blocks; `restore_disk` writes the
   replica's latest point back into the old qcow2 image and into a raw image, which
-  `qemu-img compare` then finds identical to the changed copy.
+  `qemu-img compare` then finds identical to the changed copy; an image a running VM
+  uses is refused by both.
 """
 
 from __future__ import annotations
@@ -315,5 +316,13 @@ def test_adopt_then_hash_scan_sends_only_the_differences_and_restore_writes_back
             small = tmp_path / "small.raw"
             small.write_bytes(bytes(MiB))
             assert fails(old_site, "restore_disk", disk_id=disk_id, image=str(small)).error_type == "Conflict"
+
+            # an image a running VM uses is neither read nor written
+            libvirt_conn.lookupByName(replica).create()
+            in_use = fails(new_site, "adopt_disk", disk_id=disk_id, image=str(changed))
+            assert in_use.error_type == "Conflict" and "in use" in (in_use.error or ""), in_use
+            running = fails(old_site, "restore_disk", disk_id=disk_id, image=str(changed))
+            assert running.error_type == "Conflict" and replica in (running.error or ""), running
+            libvirt_conn.lookupByName(replica).destroy()
     finally:
         _remove_domain(libvirt_conn, replica)
