@@ -232,3 +232,34 @@ def test_prune_keeps_the_points_named_in_keep(env: TaskEnv) -> None:
     assert out.result["removed"] == {"web-vda": [p2], "web-vdb": [q1]}
     assert [p.id for p in env.store.disk("web-vda").points()] == [p1, p3]
     assert [p.id for p in env.store.disk("web-vdb").points()] == [q2]
+
+
+def test_a_vm_task_sends_the_inventory_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a VM task the control plane hears of the VM's state at once (the failover
+    workflow reads the inventory), not at the next inventory interval; other tasks do not
+    trigger it. The runtime against the recording HTTP server of test_agent_dispatch.py,
+    the task functions replaced by instant ones (the runtime is under test, not them)."""
+    import test_agent_dispatch as td
+
+    from standby.agent import tasks as tasks_mod
+
+    monkeypatch.setitem(tasks_mod.DISPATCH, "stop_vm", lambda env, params, progress: {"power_state": "shut-off"})
+    monkeypatch.setitem(tasks_mod.DISPATCH, "list_points", lambda env, params, progress: {"points": {}})
+    api = td._Api()
+    try:
+        rt = td._started_runtime(tmp_path, api, 5.0)
+        calls: list[int] = []
+        rt.sync_inventory_soon = lambda: calls.append(1)
+        try:
+            for task_id, kind, want in ((7, "list_points", []), (8, "stop_vm", [1])):
+                api.claims.append({"id": task_id, "kind": kind, "params": {}, "attempt": 1,
+                                   "created_at": "2026-01-01T00:00:00Z"})
+                deadline = time.monotonic() + 10
+                while not any(p.endswith(f"/tasks/{task_id}/result") for _, p, _ in api.got):
+                    assert time.monotonic() < deadline, api.got
+                    time.sleep(0.05)
+                assert calls == want, kind
+        finally:
+            rt.stop()
+    finally:
+        api.close()

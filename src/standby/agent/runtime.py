@@ -52,6 +52,8 @@ from standby.errors import NotFound, RemoteError, StandbyError
 log = logging.getLogger("standby.agent")
 
 MAX_BACKOFF = 30.0
+# Tasks after which the inventory is sent at once (the control plane sees VMs through it).
+VM_CHANGING_KINDS = frozenset({"define_vm", "start_vm", "stop_vm", "undefine_vm"})
 
 
 def abort_stale_backups(driver: Any, owns: Callable[[str], bool]) -> list[str]:
@@ -557,6 +559,8 @@ class AgentRuntime:
             if outcome.ok:
                 self.stats["succeeded"] += 1
                 log.info("task %d %s done in %.1f s", rt.id, rt.task.get("kind"), took)
+                if rt.task.get("kind") in VM_CHANGING_KINDS:
+                    self.sync_inventory_soon()  # a VM came, went, started or stopped: report it now
             else:
                 self.stats["failed"] += 1
                 log.warning("task %d %s failed in %.1f s: %s: %s", rt.id, rt.task.get("kind"), took,
