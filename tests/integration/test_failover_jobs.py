@@ -24,7 +24,7 @@ from standby.orchestration.runner import JobRunner  # noqa: E402
 from standby.orchestration.scheduler import Scheduler  # noqa: E402
 from standby.orchestration.settings import ServerSettings  # noqa: E402
 from standby.store import Store  # noqa: E402
-from standby.store.repo import items, jobs  # noqa: E402
+from standby.store.repo import agents, items, jobs  # noqa: E402
 
 ENDED = ("succeeded", "failed", "errored", "cancelled")
 
@@ -339,3 +339,41 @@ def test_a_planned_failover_rolls_back_after_a_restart_when_the_replica_cannot_s
     assert "web01" in sites.hosts[PRIMARY].running and not sites.hosts[SECONDARY].running
     assert not sites.violations
 
+
+
+def test_an_unplanned_failover_declares_a_source_whose_agent_is_gone_lost(store: Store, runner: JobRunner,
+                                                                         sites: Sites) -> None:
+    item_id = protect(sites, runner)
+    # The primary site is gone: its host (and the VM on it) down, its agent not answering.
+    sites.hosts[PRIMARY].running.clear()
+    with store.transaction() as s:
+        agents.revoke_agent(s, f"agent-{PRIMARY}")
+    before = len(sites.log)
+    _, job_id = failover.start_failover(store, runner, item=item_id, type="unplanned", shutdown_source=True)
+    done = run_job(sites, job_id)
+    assert done.state == "succeeded", done.error
+    st = step_states(done)
+    assert st["try to shut down the source VM"] == "failed" and st["try to replicate the last changes"] == "skipped"
+    assert done.result["declared_lost"] is True
+    assert f"{PREFIX}web01" in sites.hosts[SECONDARY].running
+    assert not [h for h, _k, _p in sites.log[before:] if h == PRIMARY]  # nothing was sent to the lost site
+    assert item(store, item_id).state == "commit_pending"
+
+
+def test_an_operators_cancel_rolls_a_planned_failover_back(store: Store, runner: JobRunner, sites: Sites) -> None:
+    item_id = protect(sites, runner)
+    sites.hold.add("define_vm")
+    _, job_id = failover.start_failover(store, runner, item=item_id, type="planned")
+    sites.until(lambda: step_states(job(store, job_id))["define the replica VM"] == "running", "the define step")
+    assert "web01" not in sites.hosts[PRIMARY].running
+    with store.transaction() as s:
+        jobs.request_cancel(s, job_id)
+    sites.hold.clear()
+    done = run_job(sites, job_id)
+    assert done.state == "cancelled" and done.result["outcome"] == "cancelled"
+    st = step_states(done)
+    assert st["shut down the source VM"] == "undone" and st["materialize the point as an overlay"] == "undone"
+    assert "web01" in sites.hosts[PRIMARY].running and not sites.hosts[SECONDARY].running
+    assert not sites.hosts[SECONDARY].overlays
+    assert item(store, item_id).state == "paused"  # cancel_failover: replication stays paused
+    assert not sites.violations
