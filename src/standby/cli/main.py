@@ -15,7 +15,7 @@ from standby import __version__
 from standby.cli import demo_cmds, readiness_cmds
 from standby.cli import replication_cmds
 from standby.cli import discover_cmds
-from standby.cli import control_cmds, server_cmds
+from standby.cli import control_cmds, recovery_cmds, server_cmds
 from standby.errors import StandbyError
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ demo_cmds.register(app)
 replication_cmds.register(app)
 discover_cmds.register(app)
 control_cmds.register(app)
+recovery_cmds.register(app)
 server_cmds.register(app)
 
 
