@@ -22,10 +22,14 @@ dispatches real tasks and the API applies real results. Doubles run on threads o
 separate load process, with the operator clients, so that they do not share a GIL with
 the ticks.
 
-Population: `--items` (default 5,000) VMs, `--vms-per-host` (100) on each primary host, as many
-secondary hosts, one double per host; a policy (POST /policies: copy frequency
-`--copy-frequency`, default 300 s, the policy default; latest point only) and a pairing
-(POST /pairings). Protected items are created in bulk through `store.repo.items.create`
+Population: `--items` (default 5,000) VMs, `--vms-per-host` (100) on each primary host
+(50 hosts), as many secondary hosts, one double per host, `--hosts-per-cloud` (5) hosts
+per cloud (10 primary clouds, each paired with a secondary cloud: an agent's PUT
+/agent/inventory re-syncs its whole cloud, so one cloud of 5,000 VMs would take most of
+the run to report); a policy (POST /policies: copy frequency `--copy-frequency`, default
+300 s, the policy default; latest point only) and the pairings (POST /pairings). The
+doubles report their inventory once (`--inventory-seconds 60` makes them re-send it as
+the real agent does; inventory_round_s is what one such round costs). Protected items are created in bulk through `store.repo.items.create`
 (protected, with a recovery point, first cycles spread over one copy period): POST /items
 runs a readiness check and a protect job per VM, which at this scale would take longer
 than the rest of the run (the output says so under "items_created_via").
@@ -40,8 +44,9 @@ reads and the doubles' heartbeat, claim, result and inventory calls. An API whos
 (items_list_probe_ms) and left out of the mix (operator_mix says what ran). After each
 window the scheduler stops, the doubles answer what they hold, and the run checks that
 every cycle dispatched was applied (the items' replicated bytes add up to the results'
-bytes_sent). Then a burst (`--no-burst` skips it): every item due at once, timed until
-all of their cycles are dispatched and applied: the control plane's cycle capacity.
+bytes_sent). Then a burst (`--no-burst` skips it): `--burst-items` (500, the
+scheduler's dispatch batch per tick) made due at once, timed until all of their cycles
+are applied (`--burst-seconds` at most): the control plane's cycle capacity.
 
 Figures per backend (medians over the repetitions): api_p50_ms, api_p95_ms, api_p99_ms
 (every request in the window), operator_p99_ms, agent_p99_ms, api_requests_per_s,
@@ -780,15 +785,19 @@ class BackendRun:
         }
 
     def burst(self, scheduler: Any) -> dict[str, Any]:
-        """Every item due now; ticks until all their cycles are dispatched and applied, or for
-        --burst-seconds at most (the doubles answer as they do in the repetitions)."""
-        from sqlalchemy import update
+        """`--burst-items` items (default 500, the scheduler's dispatch batch) due at once; ticks
+        until all their cycles are applied, or for --burst-seconds at most (the doubles answer
+        as they do in the repetitions, and then finish what was dispatched)."""
+        from sqlalchemy import select, update
 
         from standby.store.models import ProtectedItem
 
         before = self.counters()
+        n = min(self.n_items, self.a.burst_items)
         with self.store.transaction() as s:
-            s.execute(update(ProtectedItem).values(next_cycle_at=datetime.now(UTC) - timedelta(seconds=1)))
+            ids = list(s.scalars(select(ProtectedItem.id).order_by(ProtectedItem.id).limit(n)))
+            s.execute(update(ProtectedItem).where(ProtectedItem.id.in_(ids))
+                      .values(next_cycle_at=datetime.now(UTC) - timedelta(seconds=1)))
         work = self.workdir / "burst"
         load = self.start_load(work, warmup_s=0.0, requests=0, clients=1, min_window_s=0.0, seed=self.a.seed,
                                drain_timeout_s=600.0)
@@ -808,13 +817,13 @@ class BackendRun:
                 tick_cpu.append(time.thread_time() - c0)
                 dispatched.append(report.cycles_dispatched)
                 applied = self.counters()["applied"] - before["applied"]
-                if applied >= self.n_items:
+                if applied >= n:
                     done = True
                     break
                 time.sleep(max(0.0, self.a.tick_seconds - (time.monotonic() - tick0)))
             secs = time.perf_counter() - t0
             (work / "drain").write_text("")
-            load.wait(180)
+            load.wait(660)
         finally:
             if load.poll() is None:
                 load.kill()
@@ -824,7 +833,7 @@ class BackendRun:
             raise RuntimeError("the load process failed in the burst:\n" + "\n".join(res["errors"][:3]))
         busy = [c for c, n in zip(tick_cpu, dispatched, strict=True) if n > 0]
         return {"cycle_burst_s": round(secs, 2), "cycle_burst_per_s": round(applied / secs, 1),
-                "cycle_burst_applied": applied,
+                "cycle_burst_items": n, "cycle_burst_applied": applied,
                 # a tick that dispatches (up to the scheduler's batch per tick), per cycle dispatched
                 "cycle_burst_tick_cpu_ms": round(med(busy) * 1000, 1) if busy else None,
                 "dispatch_cpu_ms_per_cycle": round(sum(busy) * 1000 / max(1, sum(dispatched)), 3),
@@ -882,7 +891,7 @@ def run_backend(args: argparse.Namespace, backend: str, root: Path, pg: Any) -> 
         out["items_listed_per_page"] = reps[-1]["items_listed_per_page"]
         if not args.no_burst:
             out.update(run.burst(scheduler))
-            log(f"{backend} burst: {out['cycle_burst_applied']} of {run.n_items} items' cycles applied in "
+            log(f"{backend} burst: {out['cycle_burst_applied']} of {out['cycle_burst_items']} cycles applied in "
                 f"{out['cycle_burst_s']} s ({out['cycle_burst_per_s']}/s; a dispatching tick "
                 f"{out['cycle_burst_tick_cpu_ms']} ms CPU)")
         final = run.counters()
@@ -981,7 +990,8 @@ def main() -> None:
     ap.add_argument("--min-window", type=float, default=0.0,
                     help="the operators go on until this many seconds passed too (default 10, --quick 4)")
     ap.add_argument("--no-burst", action="store_true", help="skip the all-items-due burst")
-    ap.add_argument("--burst-seconds", type=float, default=30.0,
+    ap.add_argument("--burst-items", type=int, default=500, help="items made due at once in the burst")
+    ap.add_argument("--burst-seconds", type=float, default=120.0,
                     help="the burst's length at most (it ends earlier once every item's cycle is applied)")
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--seed", type=int, default=5)
