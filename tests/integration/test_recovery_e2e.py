@@ -42,7 +42,10 @@ _START = re.compile(r"standby-guest: write start=(\d+)")
 class Site:
     def __init__(self, d: LocalDeployment, conn: Any, tag: str, vm_dir: Path) -> None:
         self.d, self.conn, self.tag, self.vm_dir = d, conn, tag, vm_dir
-        self.api = d.client()
+
+    @property
+    def api(self) -> Any:
+        return self.d.client()
 
     def vm(self, short: str) -> str:
         return f"sbt-rc{self.tag}-{short}"
@@ -135,7 +138,6 @@ def site(tmp_path_factory: pytest.TempPathFactory, libvirt_conn: Any,
         d.start_server()
         d.add_agent("host-a", cloud="primary", domains=[f"sbt-rc{tag}-*"])
         d.add_agent("host-b", cloud="secondary", domains=[f"dr-sbt-rc{tag}-*"], vm_prefix="dr-")
-        s.api = d.client()
         d.wait_for(lambda: {v["name"] for v in s.api.get("/vms", params={"cloud": "primary"})["items"]}
                    >= {s.vm(n) for n in NAMES}, 90, "inventory of every guest", log=d.server)
         s.api.post("/policies", json={"name": "rc", "copy_frequency_seconds": 30,

@@ -116,8 +116,10 @@ test_vm_name.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 def _prefix(agent: Agent) -> str:
-    # The agent reports its agent.json `vm_prefix` among its facts (heartbeat/registration).
-    return str((agent.facts or {}).get("vm_prefix") or "")
+    # The agent reports its agent.json `vm_prefix` in its heartbeat (kept under "reported").
+    facts = agent.facts or {}
+    reported = facts.get("reported") or {}
+    return str(reported.get("vm_prefix") or facts.get("vm_prefix") or "")
 
 
 def _disk_map(item: ProtectedItem) -> dict[str, str]:
