@@ -8,11 +8,13 @@ not waiting refused with 409."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from standby.domain import plans as plan_rules
 
@@ -252,3 +254,41 @@ def test_confirm_refuses_jobs_that_are_not_plan_runs(cp: ControlPlane, tmp_path:
     job = admin.post("/items", json={"vm": "web01"}).json()["job"]
     r = admin.post(f"/jobs/{job['id']}/confirm", json={"step": 1})
     assert r.status_code == 409 and "not a recovery plan run" in error_of(r)["message"]
+
+
+def test_the_cli_against_the_real_api(cp: ControlPlane, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's requests and the API's answers agree: plan create from YAML, a dry run,
+    a run announced on a manual action and confirmed with `jobs confirm`."""
+    from standby.cli.main import run
+
+    conn = ["--url", cp.url, "--ca", str(cp.ca_cert), "--token", cp.admin_token]
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = run([*args, *conn])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    plan = tmp_path / "drill.yaml"
+    plan.write_text(PLAN_YAML)
+    code, out, err = cli("plan", "create", str(plan), "--json")
+    assert code == 0, err
+    assert json.loads(out)["name"] == "drill"
+    code, out, err = cli("plan", "failover", "drill", "--type", "unplanned", "--dry-run")
+    assert code == 0, err
+    assert out == plan_rules.dry_run(plan_rules.load_plan(yaml.safe_load(PLAN_YAML)), "unplanned")
+    code, _out, err = cli("plan", "failover", "drill", "--type", "planned", "--point", "p-1")
+    assert code == 2 and "--point" in err
+    code, out, err = cli("plan", "failover", "drill", "--type", "test", "--no-wait", "--json")
+    assert code == 0, err
+    job_id = json.loads(out)["id"]
+    admin = cp.admin()
+    wait_for("the manual action", lambda: waiting_on(admin, job_id, 2))
+    code, out, err = cli("jobs", "confirm", str(job_id), "4")
+    assert code == 1 and "not waiting" in err and "Traceback" not in err
+    code, out, err = cli("jobs", "confirm", str(job_id), "2")
+    assert code == 0 and f"job {job_id}: step 2 confirmed by admin" in out
+    code, _out, err = cli("failover", "nosuchvm", "--type", "planned")
+    assert code == 3 and "nosuchvm" in err
+    code, out, err = cli("plan", "delete", "nosuch")
+    assert code == 3 and "nosuch" in err
