@@ -370,9 +370,6 @@ def load_main(cfg_path: str) -> None:
                 answered = 0
                 for d in mine:
                     try:
-                        if now >= d.next_heartbeat:
-                            d.next_heartbeat = now + d.heartbeat_seconds
-                            d.heartbeat(t)
                         if now >= d.next_inventory and not drain.is_set():
                             d.next_inventory = now + cfg["inventory_seconds"]
                             d.put_inventory(t)
@@ -385,12 +382,30 @@ def load_main(cfg_path: str) -> None:
                 if drain.is_set():
                     idle_rounds[k] = idle_rounds[k] + 1 if answered == 0 else 0
                     continue
-                nxt = min(min(d.next_poll, d.next_heartbeat, d.next_inventory) for d in mine)
+                nxt = min(min(d.next_poll, d.next_inventory) for d in mine)
                 time.sleep(max(0.0, min(0.2, nxt - time.monotonic())))
         except Exception:  # noqa: BLE001 - reported to the parent
             errors.append(traceback.format_exc())
 
+    def heartbeats() -> None:
+        """Heartbeats on a thread of their own, as the real agent sends them: never queued
+        behind another double's claims (httpx clients may be shared between threads)."""
+        try:
+            while not stop.is_set():
+                for d in doubles:
+                    if time.monotonic() >= d.next_heartbeat:
+                        d.next_heartbeat = time.monotonic() + d.heartbeat_seconds
+                        try:
+                            d.heartbeat(t_beats)
+                        except Transient as e:
+                            transient.append(str(e))
+                stop.wait(max(0.0, min(0.5, min(d.next_heartbeat for d in doubles) - time.monotonic())))
+        except Exception:  # noqa: BLE001 - reported to the parent
+            errors.append(traceback.format_exc())
+
+    t_beats = Timings()
     drivers = [threading.Thread(target=drive, args=(k,), daemon=True) for k in range(n_threads)]
+    drivers.append(threading.Thread(target=heartbeats, daemon=True))
     for th in drivers:
         th.start()
     time.sleep(cfg["warmup_s"])
@@ -457,7 +472,7 @@ def load_main(cfg_path: str) -> None:
         th.join(30)
     for d in doubles:
         d.close()
-    rows = [row for t in t_ops + t_doubles for row in t.rows]
+    rows = [row for t in [*t_ops, *t_doubles, t_beats] for row in t.rows]
     Path(cfg["out"]).write_text(json.dumps({
         "window": [w0, w1], "rows": rows, "errors": errors, "transient": transient[:20],
         "answered": {k: sum(d.answered.get(k, 0) for d in doubles) for k in {"cycle", "prune", "delete_replica",
@@ -898,7 +913,11 @@ def run_backend(args: argparse.Namespace, backend: str, root: Path, pg: Any) -> 
         out["cycles_dispatched"] = final["dispatched"]
         out["cycles_applied"] = final["applied"]
         out["cycle_tasks_by_state"] = {k[len("tasks_"):]: v for k, v in final.items() if k.startswith("tasks_")}
-        out["all_cycles_applied"] = final["applied"] == final["dispatched"] and all(r["drained"] for r in reps)
+        # At the end (the scheduler stopped, the doubles done): every cycle task succeeded and
+        # its bytes reached its item. A repetition whose drain outlasted drain_timeout_s left
+        # the rest to the next phase (reps_drained says which).
+        out["all_cycles_applied"] = final["applied"] == final["dispatched"] == final.get("tasks_succeeded", 0)
+        out["reps_drained"] = [r["drained"] for r in reps]
         out["items"] = run.n_items
         out["runs"] = reps
         return out
