@@ -121,7 +121,7 @@ def test_control_plane_killed_at_a_random_step_of_planned_failovers(
             acked = _console(libvirt_conn, vm).acked()
             text = _console(libvirt_conn, replica)
             starts = text.wait_for(lambda c: _START.findall(c.text()), 120)
-            lost = acked - (int(starts[-1]) - 1)
+            lost = max(0, acked - (int(starts[-1]) - 1))  # written but unacknowledged is not lost
             assert lost == 0, f"run {run} (seed {seed}, kill at step {target}): {lost} records lost"
             outcomes.append(f"step {target}: failed over")
         else:

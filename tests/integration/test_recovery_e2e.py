@@ -190,7 +190,9 @@ def test_planned_failover_loses_no_record(site: Site) -> None:
     assert not site.running(web) and site.running(replica)
     acked = site.console(web).acked()  # the source is off: this is final
     start = _start_seq(site.console(replica))
-    assert start - 1 == acked, f"records lost: {acked - (start - 1)} (job {job['id']})"
+    # Every acknowledged record is on the replica (a record written just before the
+    # shutdown may be there without its acknowledgement on the console: not a loss).
+    assert start - 1 >= acked, f"records lost: {acked - (start - 1)} (job {job['id']})"
     assert site.item("web")["state"] in ("commit_pending", "failed_over")
 
 
@@ -210,7 +212,7 @@ def test_failback_loses_no_record_and_replication_goes_forward_again(site: Site)
     assert site.running(web) and not site.exists(replica)
     acked = replica_console.acked()  # the replica is off: this is final
     start = _start_seq(site.console(web))
-    assert start - 1 == acked, f"records lost in failback: {acked - (start - 1)}"
+    assert start - 1 >= acked, f"records lost in failback: {acked - (start - 1)}"
     site.d.wait_for(lambda: site.item("web")["state"] == "protected", 300, "forward replication")
     site.wait_points("web", 2)
     # The verifier over the whole history of the disk: source, replica, source again.
