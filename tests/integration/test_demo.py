@@ -28,11 +28,8 @@ def test_demo_json_is_one_object_of_figures(libvirtd: str, tmp_path: Path) -> No
     assert ready == {"kvm-two-sites.yaml", "single-server-two-clouds.yaml"}
     assert doc["readiness"]["live"]["ready"] is True
     assert {i["vm"] for i in doc["items"]} == {"demo-web", "demo-db"}
-    assert all(i["state"] == "protected" for i in doc["items"])  # demo-web: failed back, protected again
+    assert all(i["state"] == "protected" for i in doc["items"])
     f = doc["figures"]
     assert f["initial_replication_bytes"] > 0 and f["bytes_replicated"] >= f["initial_replication_bytes"]
-    assert all(s["seconds"] >= 0 for s in doc["steps"]) and len(doc["steps"]) >= 11
-    assert f["records_lost_planned_failover"] == 0
-    assert f["failback"]["records_lost"] == 0
-    assert 0 < f["reverse_replication_bytes"] < 32 * 2**20 // 2
+    assert all(s["seconds"] >= 0 for s in doc["steps"]) and len(doc["steps"]) == 8
     assert "✓" in p.stderr  # progress lines went to stderr

@@ -63,8 +63,9 @@ class DemoResult:
 
 
 class Demo:
-    def __init__(self, workdir: Path, *, examples: Path, cycles: int = 2,
+    def __init__(self, workdir: Path, *, examples: Path, cycles: int = 2, recovery: bool = False,
                  say: Callable[[str], None] = lambda _m: None) -> None:
+        self.recovery = recovery
         self.workdir = workdir.resolve()
         self.examples = examples
         self.cycles = cycles
@@ -175,7 +176,8 @@ class Demo:
                 health={i["vm"]: i["health"] for i in self.result.items},
             )
             s.detail = ", ".join(f"{i['vm']} {i['health']}" for i in self.result.items)
-        self._recovery(d, api)
+        if self.recovery:
+            self._recovery(d, api)
         return self.result
 
     def _op(self, d: LocalDeployment, api: Any, vm: str, action: str, body: dict[str, Any] | None = None,
