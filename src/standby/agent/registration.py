@@ -19,23 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from standby import __version__
+from standby.replication import tls
 from standby.agent.config import AgentConfig
 from standby.errors import BadInput, RemoteError
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with `mode` from the start (a key is never readable by others,
-    not even for a moment)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def read_key_file(path: Path | str) -> str:
@@ -85,9 +73,9 @@ def register(cfg: AgentConfig, *, registration_key: str, ca_file: Path | str,
 
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(cfg.data_dir, 0o700)
-    _write(cfg.key_path, key_pem, 0o600)
-    _write(cfg.cert_path, answer["cert_pem"].encode(), 0o644)
-    _write(cfg.ca_path, answer["ca_pem"].encode(), 0o644)
+    tls.write_atomic(cfg.key_path, key_pem, 0o600)
+    tls.write_atomic(cfg.cert_path, answer["cert_pem"].encode(), 0o644)
+    tls.write_atomic(cfg.ca_path, answer["ca_pem"].encode(), 0o644)
     if isinstance(answer.get("agent_id"), int):
         cfg.agent_id = answer["agent_id"]
     hb = answer.get("heartbeat_seconds")

@@ -70,18 +70,6 @@ class InitResult:
     created: tuple[str, ...]  # what this call made: "ca", "server certificate", "store", "admin token", ...
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically (temporary file, fsync, rename) with `mode` from the start, so a
-    secret is never readable by others, not even for a moment."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _url_without_password(url: str) -> tuple[str, bool]:
@@ -119,7 +107,7 @@ def init_data_dir(settings: ServerSettings, *, force: bool = False) -> InitResul
                 _token, secret = tokens_repo.create_token(s, ADMIN_TOKEN_NAME, role="operator", created_by="init")
             # The file is written before the commit: a token that exists must be in the file.
             if secret is not None:
-                _write_file(settings.admin_token_file, (secret + "\n").encode(), 0o600)
+                tls.write_atomic(settings.admin_token_file, (secret + "\n").encode(), 0o600)
         db_url = store.url
     finally:
         store.close()
@@ -132,7 +120,7 @@ def init_data_dir(settings: ServerSettings, *, force: bool = False) -> InitResul
         if had_password:
             log.warning("the database password is not written to %s: give it with PGPASSWORD or ~/.pgpass", server_json)
     doc = {"version": __version__, "listen": settings.listen, "db_url": stored_url, "sans": list(settings.sans)}
-    _write_file(server_json, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
+    tls.write_atomic(server_json, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
     created.append(SERVER_JSON)
     return InitResult(
         data_dir=d,
