@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from standby.domain import lifecycle
 from standby.errors import BadInput, Conflict, Refused
 from standby.store.models import HEALTHS, ProtectedItem, Vm
 from standby.store.repo._common import get as _get
@@ -139,8 +140,21 @@ def _apply_state(item: ProtectedItem, new_state: str, error: str | None, now: da
     if new_state != item.state:
         item.state = new_state
         item.state_changed_at = now
+        # Health starts as the new state's own, so state and reason never disagree until
+        # the scheduler's next health tick refines it (RPO, agents, storage).
+        known = _state_health(new_state)
+        if known is not None:
+            item.health, item.health_reason = known
     item.error = error
     item.updated_at = now
+
+
+def _state_health(state: str) -> tuple[str, str] | None:
+    try:
+        parsed = lifecycle.State(state)
+    except ValueError:
+        return None
+    return lifecycle.health(parsed).value, lifecycle.health_reason(parsed)
 
 
 def set_health(
