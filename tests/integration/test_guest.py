@@ -273,3 +273,17 @@ def test_write_mode_appends_after_the_valid_prefix(
         assert "standby-guest: write start=260 " in vm.console.text()
         assert vm.console.acked() == 264
     assert verify_raw(disk) == Verdict(264, 265, 0, 0, 0)
+
+
+@slow
+def test_write_mode_resumes_before_a_torn_last_record(
+        libvirt_conn: Any, guest_image: guest.GuestImage, vm_name: Any, vm_dir: Path) -> None:
+    disk = vm_dir / "torn.raw"
+    _image(disk, 300, size_mib=8)  # past the first MiB: the header run crosses a chunk
+    _put(disk, 299, b"0000", at=4031)  # the last record's sum no longer matches: a torn write
+    with guest.GuestVM(libvirt_conn, vm_name("torn"), disk, vm_dir / "torn.log", guest_image,
+                       guest.cmdline("write", rate=0, count=3)) as vm:
+        vm.console.wait_for(lambda c: "standby-guest: done" in c.text(), 90, alive=vm.running)
+        vm.wait_stopped(30)
+        assert "standby-guest: write start=299 " in vm.console.text()  # it overwrote the torn one
+    assert verify_raw(disk) == Verdict(301, 302, 0, 0, 0)
