@@ -6,6 +6,7 @@ at least as long as what the guest acknowledged, the in-guest and host verifiers
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -287,3 +288,20 @@ def test_write_mode_resumes_before_a_torn_last_record(
         vm.wait_stopped(30)
         assert "standby-guest: write start=299 " in vm.console.text()  # it overwrote the torn one
     assert verify_raw(disk) == Verdict(301, 302, 0, 0, 0)
+
+
+@slow
+def test_a_graceful_shutdown_stops_the_writer_after_a_whole_record(
+        libvirt_conn: Any, guest_image: guest.GuestImage, vm_name: Any, vm_dir: Path) -> None:
+    disk = vm_dir / "shutdown.raw"
+    _image(disk, 0, size_mib=4)
+    with guest.GuestVM(libvirt_conn, vm_name("shutdown"), disk, vm_dir / "shutdown.log", guest_image,
+                       guest.cmdline("write", rate=20)) as vm:
+        vm.console.wait_for(lambda c: c.acked() >= 10, 90, alive=vm.running)
+        libvirt_conn.lookupByName(vm.name).shutdown()  # the ACPI power button
+        vm.wait_stopped(30)
+        m = re.search(r"standby-guest: shutdown last=(\d+)", vm.console.text())
+        assert m, vm.console.text()[-500:]
+        last = int(m.group(1))
+    assert last == vm.console.acked()
+    assert verify_raw(disk) == Verdict(last, last + 1, 0, 0, 0)

@@ -52,6 +52,7 @@ def _fabric(
     freq: int = 300,
     retention: int = 0,
     app_hours: int = 0,
+    keep_all: int = 0,
     secondary_agent: bool = True,
     point_at: datetime | None = None,
 ) -> Fabric:
@@ -66,7 +67,7 @@ def _fabric(
         pairing = policies.pair_clouds(s, "gold", "gold-dr")
         policy = policies.create_policy(
             s, "p", copy_frequency_seconds=freq, recovery_point_retention_hours=retention,
-            app_consistent_interval_hours=app_hours,
+            app_consistent_interval_hours=app_hours, keep_all_points_minutes=keep_all,
         )
         policies.associate(s, "p", pairing.id)
         a1 = agents.register_agent(
@@ -301,11 +302,24 @@ def test_a_successful_cycle_queues_one_prune_when_the_policy_keeps_history(store
     with store.read() as s:
         (prune,) = tasks.list_tasks(s, kind="prune")
         assert prune.agent_id == fab.secondary_agent and prune.item_id == fab.item_ids[0]
-        assert prune.params == {"disk_ids": ["vm0000-vda"], "retention_hours": 24, "app_consistent_interval_hours": 2}
+        assert prune.params == {"disk_ids": ["vm0000-vda"], "retention_hours": 24, "app_consistent_interval_hours": 2,
+                                "keep_all_minutes": 0}
     sched.tick(at(31))
     _run_cycle(store, sched, fab.primary_agent, claim_at=at(32), done_at=at(33), result=_ok_result("p-2", at(32)))
     with store.read() as s:
         assert len(tasks.list_tasks(s, kind="prune")) == 1  # the open one prunes up to now
+
+
+def test_keeping_the_last_minutes_points_alone_queues_a_prune_that_keeps_them(store: Store, tmp_path: Path) -> None:
+    fab = _fabric(store, retention=0, keep_all=30)
+    sched = Scheduler(store, _settings(tmp_path))
+    sched.tick(at(0))
+    _run_cycle(store, sched, fab.primary_agent, claim_at=at(1), done_at=at(3), result=_ok_result(point_at=at(1)))
+    with store.read() as s:
+        (prune,) = tasks.list_tasks(s, kind="prune")
+        # retention_hours widened to the 30 minutes: the retention rules keep recent points in the window only
+        assert prune.params == {"disk_ids": ["vm0000-vda"], "retention_hours": 0.5,
+                                "app_consistent_interval_hours": 0, "keep_all_minutes": 30}
 
 
 def test_no_prune_when_only_the_latest_point_is_kept(store: Store, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from standby.errors import BadInput, Conflict, NotFound, Refused
 from standby.store import Store, StoreError, open_store
@@ -132,6 +133,42 @@ def test_a_table_rebuilding_migration_keeps_the_rows_that_refer_to_it(empty_stor
         engine.dispose()
 
 
+def test_migration_0004_gives_existing_policies_keep_all_points_0_and_checks_it(empty_store_url: str) -> None:
+    engine = create_store_engine(empty_store_url)
+    try:
+        upgrade(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO policies (name, description, copy_frequency_seconds, recovery_point_retention_hours,"
+                    " app_consistent_interval_hours, compression, authentication, replication_port,"
+                    " initial_replication, delete_replica_on_disable, created_at, updated_at)"
+                    " VALUES ('old', '', 300, 24, 0, true, 'certificate', 7443, 'now', false, :t, :t)"
+                ),
+                {"t": T0.replace(tzinfo=None) if engine.dialect.name == "sqlite" else T0},
+            )
+        upgrade(engine, "0004")
+        assert current_revision(engine) == "0004"
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT recovery_point_retention_hours, keep_all_points_minutes FROM policies"))
+            assert row.one() == (24, 0)
+        for bad in (-1, 1441):  # the database's check, bypassing the repository
+            with pytest.raises(IntegrityError, match="ck_policies_keep_all_points"), engine.begin() as conn:
+                conn.execute(text("UPDATE policies SET keep_all_points_minutes = :v"), {"v": bad})
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0003")
+        assert "keep_all_points_minutes" not in {c["name"] for c in inspect(engine).get_columns("policies")}
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    store = open_store(empty_store_url)
+    try:
+        with store.read() as s:
+            assert policies.get_policy(s, "old").keep_all_points_minutes == 0
+    finally:
+        store.close()
+
+
 def test_constraint_and_index_names_fit_postgresql() -> None:
     names = []
     for table in Base.metadata.tables.values():
@@ -193,6 +230,9 @@ def test_database_checks_back_up_the_repository(store: Store) -> None:
     with pytest.raises(Conflict):
         with store.transaction() as s:
             s.add(Policy(name="bad", copy_frequency_seconds=60))
+    with pytest.raises(Conflict):
+        with store.transaction() as s:
+            s.add(Policy(name="bad", keep_all_points_minutes=1441))
     with pytest.raises(Conflict):
         with store.transaction() as s:
             s.add(Job(kind="k", state="paused"))
@@ -383,6 +423,7 @@ def test_policy_defaults_follow_the_reference(store: Store) -> None:
     assert (p.copy_frequency_seconds, p.recovery_point_retention_hours, p.app_consistent_interval_hours) == (300, 0, 0)
     assert (p.compression, p.authentication, p.replication_port) == (True, "certificate", 7443)
     assert (p.initial_replication, p.delete_replica_on_disable, p.continuous) == ("now", False, False)
+    assert p.keep_all_points_minutes == 0  # the reference's hourly points only
 
 
 def test_policy_crud_and_validation(store: Store) -> None:
@@ -421,6 +462,10 @@ def test_policy_crud_and_validation(store: Store) -> None:
         ({"authentication": "password"}, "authentication"),
         ({"replication_port": 0}, "port"),
         ({"recovery_point_retention_hours": -1}, "negative"),
+        ({"keep_all_points_minutes": -1}, "keep_all_points_minutes -1"),
+        ({"keep_all_points_minutes": 1441}, "keep_all_points_minutes 1441"),
+        ({"keep_all_points_minutes": 2.5}, "keep_all_points_minutes 2.5"),
+        ({"keep_all_points_minutes": True}, "keep_all_points_minutes True"),
         ({"colour": "blue"}, "unknown policy settings"),
     ]:
         with pytest.raises(BadInput, match=match), store.transaction() as s:
@@ -435,6 +480,12 @@ def test_policy_crud_and_validation(store: Store) -> None:
         assert p.copy_frequency_seconds == 300 and p.updated_at == at(1) and p.compression is False
     with pytest.raises(BadInput), store.transaction() as s:
         policies.update_policy(s, "fast", copy_frequency_seconds=5)
+    with store.transaction() as s:
+        assert policies.update_policy(s, "fast", keep_all_points_minutes=1440).keep_all_points_minutes == 1440
+    with pytest.raises(BadInput, match="between 0 and 1440"), store.transaction() as s:
+        policies.update_policy(s, "fast", keep_all_points_minutes=1441)
+    with store.read() as s:
+        assert policies.get_policy(s, "fast").keep_all_points_minutes == 1440
     with store.transaction() as s:
         policies.delete_policy(s, "cdp")
     with pytest.raises(NotFound), store.read() as s:

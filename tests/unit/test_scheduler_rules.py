@@ -9,6 +9,7 @@ import pytest
 from standby.domain import lifecycle
 from standby.domain.health import Finding
 from standby.domain.lifecycle import Health, Site, State
+from standby.domain.retention import RetentionPolicy, points_to_keep
 from standby.orchestration.scheduler import (
     RESYNC_REQUIRED,
     RPO_BREACH,
@@ -20,6 +21,7 @@ from standby.orchestration.scheduler import (
     needs_resync,
     next_cycle_after,
     parse_time,
+    prune_params,
     resync_pending,
     retry_at,
     should_prune,
@@ -82,6 +84,34 @@ def test_should_prune_only_when_history_is_kept_and_no_failover_holds_the_points
     assert should_prune(24, State.PROTECTED)
     assert not should_prune(24, State.COMMIT_PENDING)
     assert not should_prune(24, State.FAILOVER_IN_PROGRESS)
+    # keep_all_points_minutes alone is history too (retention 0 keeps latest + last N minutes).
+    assert should_prune(0, State.PROTECTED, 15)
+    assert not should_prune(0, State.PROTECTED, 0)
+    assert not should_prune(0, State.COMMIT_PENDING, 15)
+
+
+def test_prune_params_carry_keep_all_minutes_and_a_window_covering_them() -> None:
+    assert prune_params(["d"], 24, 2) == {
+        "disk_ids": ["d"], "retention_hours": 24, "app_consistent_interval_hours": 2, "keep_all_minutes": 0}
+    # The retention rules keep recent points only inside the window: it is widened to cover them.
+    assert prune_params(["d"], 0, 0, 15) == {
+        "disk_ids": ["d"], "retention_hours": 0.25, "app_consistent_interval_hours": 0, "keep_all_minutes": 15}
+    assert prune_params(["d"], 1, 0, 120)["retention_hours"] == 2
+    assert prune_params(["d"], 24, 0, 120)["retention_hours"] == 24  # already covered
+
+
+@pytest.mark.parametrize(("retention", "keep_all"), [(0, 15), (1, 120), (24, 30), (2, 0)])
+def test_the_agent_keeps_the_hourly_points_plus_every_point_of_the_last_minutes(retention: int,
+                                                                               keep_all: int) -> None:
+    # What the agent's prune does with the params (agent.tasks.run_prune builds the same
+    # RetentionPolicy) against the policy's meaning, over 5 h of points every 5 minutes.
+    now = 1_000_000 * 3600.0 + 1234.0
+    points = [(f"p{i:03d}", now - i * 300.0, "crash") for i in range(60)]
+    params = prune_params(["d"], retention, 0, keep_all)
+    kept = points_to_keep(points, RetentionPolicy(params["retention_hours"], 0.0, params["keep_all_minutes"]), now)
+    hourly = points_to_keep(points, RetentionPolicy(retention, 0.0), now)
+    recent = {pid for pid, created, _c in points if created >= now - keep_all * 60}
+    assert kept == hourly | recent
 
 
 @pytest.mark.parametrize("state", list(State))

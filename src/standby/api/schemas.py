@@ -23,6 +23,7 @@ from standby.store.models import (
     AUTHENTICATIONS,
     HEALTHS,
     INITIAL_REPLICATION,
+    KEEP_ALL_POINTS_MAX_MINUTES,
     PLATFORMS,
     ROLES,
     SEVERITIES,
@@ -367,6 +368,11 @@ class PolicySettings(Request):
     rpo_alert_seconds: int | None = Field(
         default=None, ge=1, le=INT32_MAX, description="alert when the RPO exceeds this (default: 3 x copy frequency)"
     )
+    keep_all_points_minutes: int | None = Field(
+        default=None, ge=0, le=KEEP_ALL_POINTS_MAX_MINUTES,
+        description="also keep every recovery point of the last N minutes (Standby extension; "
+        "0, the default: the reference's hourly points only)",
+    )
 
 
 class PolicyIn(PolicySettings):
@@ -393,6 +399,9 @@ class PolicyOut(Out):
     offline_import_path: str | None
     delete_replica_on_disable: bool
     rpo_alert_seconds: int | None = None
+    keep_all_points_minutes: int = Field(
+        description="every recovery point of the last N minutes is kept (0: the reference's hourly points only)"
+    )
     pairings: list[int]
     created_at: datetime
     updated_at: datetime

@@ -723,7 +723,7 @@ def policy_body(*, description: str | None = None, copy_frequency: CopyFrequency
                 replication_port: int | None = None, initial: Initial | None = None, initial_at: str | None = None,
                 export_path: str | None = None, import_path: str | None = None,
                 delete_replica_on_disable: bool | None = None, rpo_alert_seconds: int | None = None,
-                creating: bool = False) -> dict[str, Any]:
+                keep_all_points_minutes: int | None = None, creating: bool = False) -> dict[str, Any]:
     """The API body of a policy from the options given (None: not given, left out)."""
     if creating:  # what the store would refuse anyway, said in the options' terms
         if initial is Initial.SCHEDULED and not initial_at:
@@ -744,6 +744,7 @@ def policy_body(*, description: str | None = None, copy_frequency: CopyFrequency
         "offline_import_path": import_path,
         "delete_replica_on_disable": delete_replica_on_disable,
         "rpo_alert_seconds": rpo_alert_seconds,
+        "keep_all_points_minutes": keep_all_points_minutes,
     }
     return {k: v for k, v in body.items() if v is not None}
 
@@ -756,6 +757,8 @@ def render_policy(p: dict[str, Any]) -> None:
     t.add_row("copy frequency", fmt_frequency(p.get("copy_frequency_seconds")))
     t.add_row("retention", f"{p.get('recovery_point_retention_hours', 0)} h of recovery points"
               if p.get("recovery_point_retention_hours") else "latest recovery point only")
+    t.add_row("keep all points", f"of the last {p['keep_all_points_minutes']} min"
+              if p.get("keep_all_points_minutes") else "off (hourly points only)")
     t.add_row("app-consistent", f"every {p['app_consistent_interval_hours']} h"
               if p.get("app_consistent_interval_hours") else "off")
     t.add_row("compression", "on" if p.get("compression") else "off")
@@ -792,6 +795,9 @@ _DEL = typer.Option(None, "--delete-replica-on-disable/--keep-replica-on-disable
                     help="When protection is disabled, delete the replica (default: keep it).")
 _RPO = typer.Option(None, "--rpo-alert-seconds", min=1,
                     help="Alert when the RPO exceeds this (default 3 x copy frequency; 60 s when continuous).")
+_KEEP_ALL = typer.Option(None, "--keep-all-points-minutes", min=0, max=1440,
+                         help="Also keep every recovery point of the last N minutes (Standby extension; "
+                              "0, the default: hourly points only).")
 _DESC = typer.Option(None, "--description", help="Free text.")
 
 
@@ -801,7 +807,7 @@ def policy_create(c: Ctx, name: str = typer.Argument(..., help="The policy's nam
                   compression: bool = _COMP, authentication: Authentication = _AUTH, replication_port: int = _PORT,
                   initial: Initial = _INIT, initial_at: str = _INIT_AT, export_path: str = _EXPORT,
                   import_path: str = _IMPORT, delete_replica_on_disable: bool = _DEL, rpo_alert_seconds: int = _RPO,
-                  description: str = _DESC) -> None:
+                  keep_all_points_minutes: int = _KEEP_ALL, description: str = _DESC) -> None:
     """Create a replication policy (defaults as the reference: every 5 minutes, latest point
     only, compression on, initial replication now, keep the replica on disable)."""
     body = policy_body(description=description, copy_frequency=copy_frequency, retention_hours=retention_hours,
@@ -809,7 +815,7 @@ def policy_create(c: Ctx, name: str = typer.Argument(..., help="The policy's nam
                        authentication=authentication, replication_port=replication_port, initial=initial,
                        initial_at=initial_at, export_path=export_path, import_path=import_path,
                        delete_replica_on_disable=delete_replica_on_disable, rpo_alert_seconds=rpo_alert_seconds,
-                       creating=True)
+                       keep_all_points_minutes=keep_all_points_minutes, creating=True)
     c.emit(c.api.post("/policies", json={"name": name, **body}), render_policy)
 
 
@@ -819,13 +825,14 @@ def policy_update(c: Ctx, name: str = typer.Argument(..., help="The policy's nam
                   compression: bool = _COMP, authentication: Authentication = _AUTH, replication_port: int = _PORT,
                   initial: Initial = _INIT, initial_at: str = _INIT_AT, export_path: str = _EXPORT,
                   import_path: str = _IMPORT, delete_replica_on_disable: bool = _DEL, rpo_alert_seconds: int = _RPO,
-                  description: str = _DESC) -> None:
+                  keep_all_points_minutes: int = _KEEP_ALL, description: str = _DESC) -> None:
     """Change the settings given; the others keep their value."""
     body = policy_body(description=description, copy_frequency=copy_frequency, retention_hours=retention_hours,
                        app_consistent_hours=app_consistent_hours, compression=compression,
                        authentication=authentication, replication_port=replication_port, initial=initial,
                        initial_at=initial_at, export_path=export_path, import_path=import_path,
-                       delete_replica_on_disable=delete_replica_on_disable, rpo_alert_seconds=rpo_alert_seconds)
+                       delete_replica_on_disable=delete_replica_on_disable, rpo_alert_seconds=rpo_alert_seconds,
+                       keep_all_points_minutes=keep_all_points_minutes)
     if not body:
         raise BadInput("policy update: give at least one setting to change (see --help)")
     c.emit(c.api.patch(f"/policies/{seg(name)}", json=body), render_policy)
@@ -838,12 +845,13 @@ def policy_list(c: Ctx) -> None:
 
     def render(data: list[dict[str, Any]]) -> None:
         rows = [[escape(str(p.get("name"))), fmt_frequency(p.get("copy_frequency_seconds")),
-                 str(p.get("recovery_point_retention_hours", 0)), str(p.get("app_consistent_interval_hours", 0)),
+                 str(p.get("recovery_point_retention_hours", 0)), str(p.get("keep_all_points_minutes", 0)),
+                 str(p.get("app_consistent_interval_hours", 0)),
                  "on" if p.get("compression") else "off", escape(str(p.get("initial_replication"))),
                  "delete" if p.get("delete_replica_on_disable") else "keep",
                  ", ".join(str(x) for x in p.get("pairings") or []) or "-"] for p in data]
-        console.print(_table("policies", ["name", "frequency", "retention h", "app-consistent h", "compression",
-                                          "initial", "on disable", "pairings"], rows))
+        console.print(_table("policies", ["name", "frequency", "retention h", "keep all min", "app-consistent h",
+                                          "compression", "initial", "on disable", "pairings"], rows))
 
     c.emit(policies, render)
 

@@ -17,10 +17,10 @@ result, and by step 2) turns a finished cycle into the item's new recovery point
 cycle, lifecycle transition and, when the policy keeps history, a `prune` task.
 
 The decisions are small pure functions below (`consistency_for`, `next_cycle_after`,
-`retry_at`, `needs_resync`, `summary_point_id`, `item_alerts` ...), tested without a
-database. The health pass reads every item with its policy, VM and hosts in one query and
-the agents and open alerts in one query each, so a tick costs a handful of queries
-whatever the number of items.
+`retry_at`, `needs_resync`, `summary_point_id`, `prune_params`, `item_alerts` ...),
+tested without a database. The health pass reads every item with its policy, VM and hosts
+in one query and the agents and open alerts in one query each, so a tick costs a handful
+of queries whatever the number of items.
 """
 
 from __future__ import annotations
@@ -132,10 +132,30 @@ def parse_time(value: Any) -> datetime | None:
     return t
 
 
-def should_prune(retention_hours: int, state: State) -> bool:
-    """A prune task follows a cycle when the policy keeps more than the latest point (the
-    replica store keeps only that otherwise) and no failover holds the points."""
-    return retention_hours > 0 and lifecycle.may_prune_recovery_points(state)
+def should_prune(retention_hours: int, state: State, keep_all_points_minutes: int = 0) -> bool:
+    """A prune task follows a cycle when the policy keeps history (hourly points or the
+    last minutes' points) and no failover holds the points. With neither, no prune is sent
+    (and the replica store removes nothing by itself)."""
+    keeps_history = retention_hours > 0 or keep_all_points_minutes > 0
+    return keeps_history and lifecycle.may_prune_recovery_points(state)
+
+
+def prune_params(disk_ids: list[str], retention_hours: int, app_consistent_interval_hours: int,
+                 keep_all_points_minutes: int = 0) -> dict[str, Any]:
+    """A prune task's parameters for a policy. The retention rules (`domain.retention`) keep
+    the last minutes' points only inside the retention window, and nothing but the latest
+    point with no window: the window sent is widened to cover them. That widening keeps
+    nothing else (whatever else falls in the wider window is within those minutes), so the
+    agent keeps exactly the policy's hourly points plus every point of the last minutes."""
+    window_hours: float = retention_hours
+    if keep_all_points_minutes > 0:
+        window_hours = max(retention_hours, keep_all_points_minutes / 60)
+    return {
+        "disk_ids": disk_ids,
+        "retention_hours": window_hours,
+        "app_consistent_interval_hours": app_consistent_interval_hours,
+        "keep_all_minutes": keep_all_points_minutes,
+    }
 
 
 def cycle_sites(state: State) -> tuple[Site, Site] | None:
@@ -571,7 +591,8 @@ class Scheduler:
         if not self._replicates(item):
             item.next_cycle_at = None  # paused (or failed over) while the cycle ran
         state = _state(item.state)
-        if state is not None and should_prune(policy.recovery_point_retention_hours, state):
+        if state is not None and should_prune(policy.recovery_point_retention_hours, state,
+                                              policy.keep_all_points_minutes):
             self._enqueue_prune(s, item, task, details["disk_ids"], now)
         s.flush()
 
@@ -592,11 +613,8 @@ class Scheduler:
             s,
             agent_id=target.id,
             kind=PRUNE,
-            params={
-                "disk_ids": disk_ids,
-                "retention_hours": policy.recovery_point_retention_hours,
-                "app_consistent_interval_hours": policy.app_consistent_interval_hours,
-            },
+            params=prune_params(disk_ids, policy.recovery_point_retention_hours,
+                                policy.app_consistent_interval_hours, policy.keep_all_points_minutes),
             item_id=item.id,
             deadline_seconds=self.settings.task_deadline_seconds,
             now=now,

@@ -35,6 +35,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -220,6 +221,7 @@ COPY_CONTINUOUS = 0  # copy_frequency_seconds value for continuous replication
 COPY_FREQUENCIES = (COPY_CONTINUOUS, 30, 300, 900)
 AUTHENTICATIONS = ("certificate", "kerberos")
 INITIAL_REPLICATION = ("now", "scheduled", "offline")
+KEEP_ALL_POINTS_MAX_MINUTES = 1440  # a day: longer history is what hourly retention is for
 
 
 class Policy(Base):
@@ -244,6 +246,7 @@ class Policy(Base):
             name="initial_offline",
         ),
         CheckConstraint("rpo_alert_seconds IS NULL OR rpo_alert_seconds > 0", name="rpo_alert"),
+        CheckConstraint(f"keep_all_points_minutes BETWEEN 0 AND {KEEP_ALL_POINTS_MAX_MINUTES}", name="keep_all_points"),
         SQLITE_NO_ID_REUSE,
     )
 
@@ -263,6 +266,9 @@ class Policy(Base):
     delete_replica_on_disable: Mapped[bool] = mapped_column(default=False)
     # RPO above this raises an rpo_breach alert; None: 3 x the copy frequency (60 s when continuous).
     rpo_alert_seconds: Mapped[int | None]
+    # Standby extension: retention also keeps every point of the last N minutes, so the last
+    # few cycles stay selectable for a failover (0: the reference's hourly points only).
+    keep_all_points_minutes: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -14,7 +14,9 @@ Its kernel command line chooses what it does:
   prefix: the run of in-order headers from slot 0, back to its last whole record; only
   those last records' sums are checked, so resuming costs one pass per MiB, not a fork per
   record: the host verifier checks the rest).
-  With count=N it powers off after N records.
+  With count=N it powers off after N records. A graceful shutdown (the ACPI power button:
+  `virsh shutdown`, libvirt's shutdown) stops it after a whole record, prints
+  `standby-guest: shutdown last=L` and powers off, in about 2 s.
 - `mode=verify [area=MiB]`: scan the disk, print one line
   `standby-guest: verify last=L records=R torn=T gaps=G out_of_order=O ok=1` and power off.
 - `area=MiB` limits records and scans to the start of the disk.
@@ -290,7 +292,10 @@ def verify_image(path: str | os.PathLike[str], area_mib: int = 0) -> Verdict:
 # The guest's /init
 
 MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk")
-_MODULE_DIRS = {"virtio_blk": "kernel/drivers/block"}
+# The ACPI power button as an input device, so a graceful shutdown from libvirt reaches the
+# guest (busybox acpid); loaded if present: without them the host forces the guest off.
+ACPI_MODULES = ("button", "evdev")
+_MODULE_DIRS = {"virtio_blk": "kernel/drivers/block", "button": "kernel/drivers/acpi", "evdev": "kernel/drivers/input"}
 
 INIT = r"""#!/bin/busybox sh
 # /init of the Standby test guest (busybox ash). Record format and verification rules:
@@ -316,6 +321,15 @@ for w in $(cat /proc/cmdline); do
   esac
 done
 for m in @MODULES@; do insmod /lib/modules/$m.ko || die "insmod $m"; done
+for m in @ACPI_MODULES@; do [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null; done
+# A graceful shutdown (the ACPI power button) stops the writer after a whole record and
+# powers off, as an OS shutting down cleanly would.
+stopping=
+trap 'stopping=1' USR1
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\nkill -USR1 1\n' > /etc/acpi/PWRF/00000080
+chmod 755 /etc/acpi/PWRF/00000080
+acpid -c /etc/acpi -l /tmp/acpid.log 2>/dev/null
 n=0
 while [ ! -b /dev/vda ]; do
   n=$((n + 1)); [ $n -gt 300 ] && die "no /dev/vda"; usleep 20000
@@ -433,8 +447,13 @@ write)
   say "write start=$seq slots=$slots rate=$rate count=$count boot=$boot"
   now_cs; t0=$now
   while :; do
+    if [ -n "$stopping" ]; then say "shutdown last=$((seq - 1))"; sync; poweroff -f; sleep 5; fi
     if [ "$count" -gt 0 ] && [ $n -ge "$count" ]; then say "done last=$((seq - 1))"; sync; poweroff -f; fi
-    if [ $seq -ge $slots ]; then say "full last=$((seq - 1))"; while :; do sleep 3600; done; fi
+    if [ $seq -ge $slots ]; then
+      say "full last=$((seq - 1))"
+      while [ -z "$stopping" ]; do sleep 1; done
+      sync; poweroff -f; sleep 5
+    fi
     printf 'SBYREC01 seq=%012d boot=%s prev=%s\n' $seq $boot $prev > /tmp/b
     dd if=/dev/urandom bs=@PAYLOAD_LEN@ count=1 iflag=fullblock 2>/dev/null >> /tmp/b
     echo >> /tmp/b
@@ -459,7 +478,8 @@ esac
 
 
 def init_script() -> str:
-    return INIT.replace("@MODULES@", " ".join(MODULES)).replace("@PAYLOAD_LEN@", str(PAYLOAD_LEN))
+    return (INIT.replace("@MODULES@", " ".join(MODULES)).replace("@ACPI_MODULES@", " ".join(ACPI_MODULES))
+            .replace("@PAYLOAD_LEN@", str(PAYLOAD_LEN)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -610,8 +630,8 @@ def _initramfs(busybox: bytes, modules: dict[str, bytes]) -> bytes:
     c.chardev("dev/null", 1, 3)
     c.file("bin/busybox", busybox, 0o755)
     c.symlink("bin/sh", "busybox")
-    for name in MODULES:
-        c.file(f"lib/modules/{name}.ko", modules[name])
+    for name, data in modules.items():
+        c.file(f"lib/modules/{name}.ko", data)
     c.file("init", init_script().encode(), 0o755)
     return gzip.compress(c.finish(), compresslevel=6, mtime=0)
 
@@ -648,17 +668,19 @@ def build(cache: Path | None = None, force: bool = False, log: Callable[[str], N
                 if name.startswith("boot/vmlinuz-"):
                     return True
                 base = name.rsplit("/", 1)[-1]
-                return base.endswith(".ko") and base[:-3] in MODULES and (
-                    "/kernel/drivers/virtio/" in name or "/kernel/drivers/block/" in name)
+                return base.endswith(".ko") and base[:-3] in (*MODULES, *ACPI_MODULES) and any(
+                    f"/{d}/" in name for d in ("kernel/drivers/virtio", *_MODULE_DIRS.values()))
 
             kfiles = _extract(debs[kpkg], want_kernel)
             bfiles = _extract(debs["busybox-static"], lambda n: n == "bin/busybox")
             vmlinuz = next(n for n in kfiles if n.startswith("boot/vmlinuz-"))
             kver = vmlinuz.removeprefix("boot/vmlinuz-")
             modules: dict[str, bytes] = {}
-            for name in MODULES:
+            for name in (*MODULES, *ACPI_MODULES):
                 sub = _MODULE_DIRS.get(name, "kernel/drivers/virtio")
-                modules[name] = kfiles[f"lib/modules/{kver}/{sub}/{name}.ko"]
+                path = f"lib/modules/{kver}/{sub}/{name}.ko"
+                if path in kfiles or name in MODULES:  # the ACPI ones are optional (maybe built in)
+                    modules[name] = kfiles[path]
             stage = Path(tmp, "out")
             stage.mkdir()
             if _write_pvh_vmlinux(kfiles[vmlinuz], stage / "vmlinux"):
@@ -668,7 +690,7 @@ def build(cache: Path | None = None, force: bool = False, log: Callable[[str], N
                 (stage / "vmlinuz").write_bytes(kfiles[vmlinuz])
             (stage / "initrd.gz").write_bytes(_initramfs(bfiles["bin/busybox"], modules))
             (stage / "manifest.json").write_text(json.dumps(
-                {"packages": pkgs, "kernel_version": kver, "key": key, "modules": list(MODULES),
+                {"packages": pkgs, "kernel_version": kver, "key": key, "modules": list(modules),
                  "boot_kernel": boot_kernel, "built_at": time.time()}, indent=1) + "\n")
             if out.exists():
                 shutil.rmtree(out)

@@ -15,6 +15,7 @@ from standby.store.models import (
     AUTHENTICATIONS,
     COPY_FREQUENCIES,
     INITIAL_REPLICATION,
+    KEEP_ALL_POINTS_MAX_MINUTES,
     CloudPairing,
     NetworkMapping,
     Policy,
@@ -39,6 +40,7 @@ POLICY_FIELDS = frozenset(
         "offline_import_path",
         "delete_replica_on_disable",
         "rpo_alert_seconds",
+        "keep_all_points_minutes",
     }
 )
 
@@ -65,6 +67,10 @@ def _check_policy(p: Policy) -> None:
         problems.append("an offline initial replication needs the export and import paths")
     if p.rpo_alert_seconds is not None and (isinstance(p.rpo_alert_seconds, bool) or p.rpo_alert_seconds <= 0):
         problems.append(f"the RPO alert threshold {p.rpo_alert_seconds!r} s must be a positive number of seconds")
+    keep_all = p.keep_all_points_minutes
+    if isinstance(keep_all, bool) or not isinstance(keep_all, int) or not 0 <= keep_all <= KEEP_ALL_POINTS_MAX_MINUTES:
+        problems.append(f"keep_all_points_minutes {keep_all!r} must be a whole number of minutes "
+                        f"between 0 and {KEEP_ALL_POINTS_MAX_MINUTES}")
     if problems:
         raise BadInput(f"policy {p.name!r}: " + "; ".join(problems))
 
