@@ -122,6 +122,26 @@ def test_an_operator_token_may_change_things(cp: ControlPlane) -> None:
     assert operator.delete("/policies/gold").status_code == 204
 
 
+def test_a_policy_keeps_every_point_of_the_last_minutes_only_when_asked(cp: ControlPlane) -> None:
+    operator = cp.client(cp.new_token("ops", "operator"))
+    r = operator.post("/policies", json={"name": "gold"})
+    assert r.status_code == 201 and r.json()["keep_all_points_minutes"] == 0  # the reference: hourly only
+    r = operator.post("/policies", json={"name": "recent", "keep_all_points_minutes": 30})
+    assert r.status_code == 201 and r.json()["keep_all_points_minutes"] == 30
+    r = operator.patch("/policies/gold", json={"keep_all_points_minutes": 1440})
+    assert r.status_code == 200 and r.json()["keep_all_points_minutes"] == 1440
+    assert operator.get("/policies/gold").json()["keep_all_points_minutes"] == 1440
+    assert {p["name"]: p["keep_all_points_minutes"] for p in operator.get("/policies").json()["items"]} == {
+        "gold": 1440, "recent": 30}
+    for bad in (-1, 1441, 2.5):
+        r = operator.patch("/policies/gold", json={"keep_all_points_minutes": bad})
+        assert r.status_code == 422, r.text
+        assert [e["field"] for e in error_of(r)["details"]["errors"]] == ["keep_all_points_minutes"]
+    r = operator.patch("/policies/gold", json={"keep_all_points_minutes": None})
+    assert r.status_code == 400 and "keep_all_points_minutes" in error_of(r)["message"]
+    assert operator.get("/policies/gold").json()["keep_all_points_minutes"] == 1440
+
+
 def test_the_last_operator_token_cannot_be_revoked(cp: ControlPlane) -> None:
     r = cp.admin().delete("/tokens/admin")
     assert r.status_code == 409 and error_of(r)["type"] == "Refused"

@@ -168,15 +168,19 @@ def test_operator_workflow(plane: Plane, tmp_path: Path) -> None:
 
     # policies
     pol = plane.run("policy", "create", "gold", "--copy-frequency", "30s", "--retention-hours", "24",
-                    "--app-consistent-hours", "4", "--rpo-alert-seconds", "120", "--json").json()
+                    "--app-consistent-hours", "4", "--rpo-alert-seconds", "120", "--keep-all-points-minutes", "15",
+                    "--json").json()
     assert (pol["name"], pol["copy_frequency_seconds"], pol["recovery_point_retention_hours"],
-            pol["app_consistent_interval_hours"], pol["compression"], pol["rpo_alert_seconds"]) == (
-        "gold", 30, 24, 4, True, 120)
-    pol = plane.run("policy", "update", "gold", "--no-compression", "--copy-frequency", "continuous", "--json").json()
-    assert (pol["compression"], pol["copy_frequency_seconds"], pol["recovery_point_retention_hours"]) == (False, 0, 24)
+            pol["app_consistent_interval_hours"], pol["compression"], pol["rpo_alert_seconds"],
+            pol["keep_all_points_minutes"]) == ("gold", 30, 24, 4, True, 120, 15)
+    pol = plane.run("policy", "update", "gold", "--no-compression", "--copy-frequency", "continuous",
+                    "--keep-all-points-minutes", "45", "--json").json()
+    assert (pol["compression"], pol["copy_frequency_seconds"], pol["recovery_point_retention_hours"],
+            pol["keep_all_points_minutes"]) == (False, 0, 24, 45)
     assert plane.run("policy", "show", "gold", "--json").json()["compression"] is False
     shown = plane.run("policy", "show", "gold")
-    assert shown.rc == 0 and "continuous" in shown.out
+    assert shown.rc == 0 and "continuous" in shown.out and "last 45 min" in shown.out
+    assert plane.run("policy", "update", "gold", "--keep-all-points-minutes", "1441").rc == 2  # out of range
     assert plane.run("policy", "create", "gold", "--json").rc == 4  # exists: conflict
     r = plane.run("policy", "show", "nope")
     assert r.rc == 3 and "nope" in r.err

@@ -136,11 +136,13 @@ def test_every_documented_command_has_help(capsys: pytest.CaptureFixture[str]) -
 def test_policy_body_maps_options_to_the_api_fields() -> None:
     body = cc.policy_body(copy_frequency=cc.CopyFrequency.CONTINUOUS, retention_hours=24, app_consistent_hours=4,
                           compression=False, initial=cc.Initial.SCHEDULED, initial_at="2026-12-01T02:00:00+01:00",
-                          delete_replica_on_disable=True, rpo_alert_seconds=120, creating=True)
+                          delete_replica_on_disable=True, rpo_alert_seconds=120, keep_all_points_minutes=15,
+                          creating=True)
     assert body == {"copy_frequency_seconds": 0, "recovery_point_retention_hours": 24,
                     "app_consistent_interval_hours": 4, "compression": False, "initial_replication": "scheduled",
                     "initial_replication_at": "2026-12-01T02:00:00+01:00", "delete_replica_on_disable": True,
-                    "rpo_alert_seconds": 120}
+                    "rpo_alert_seconds": 120, "keep_all_points_minutes": 15}
+    assert cc.policy_body(keep_all_points_minutes=0) == {"keep_all_points_minutes": 0}  # 0 is a value, sent
     assert [cc.policy_body(copy_frequency=f)["copy_frequency_seconds"] for f in cc.CopyFrequency] == [30, 300, 900, 0]
     assert cc.policy_body() == {}  # nothing given: nothing sent (an update changes only what is given)
 
