@@ -49,6 +49,14 @@ def test_a_script_that_succeeds_gets_the_plan_environment(tmp_path: Path) -> Non
     assert r.output_bytes == len(r.output)
 
 
+def test_an_absolute_script_runs_when_the_scripts_library_does_not_exist(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    p = sh(tmp_path, "abs.sh", f'echo "$STANDBY_GROUP" > {marker}\n')
+    r = run_plan_script(Script(path=str(p)), plan="erp", group="db", failover_type="test", vms=["db01"],
+                        scripts_dir=tmp_path / "no-such-library")
+    assert r.returncode == 0 and marker.read_text() == "db\n"
+
+
 def test_a_failing_script_fails_with_its_exit_code_and_output_tail(tmp_path: Path) -> None:
     p = sh(tmp_path, "fail.sh", "echo checking the database\necho 'replica lag: 120 s' >&2\nexit 3\n")
     with pytest.raises(ScriptFailed) as e:

@@ -204,6 +204,7 @@ def run_plan_script(script: Script, *, plan: str, group: str, failover_type: str
             raise ScriptNotRunnable(f"script {script.path} is relative and no scripts directory is configured", None)
         path = Path(scripts_dir) / path
     env = script_env(plan=plan, group=group, failover_type=failover_type, vms=vms, base=base_env)
-    return run_script(path, script.args, timeout=script.timeout_seconds, env=env,
-                      cwd=scripts_dir if scripts_dir is not None else None, kill_grace=kill_grace,
+    # An absolute script must not fail because the (optional) library directory was never made.
+    cwd = scripts_dir if scripts_dir is not None and Path(scripts_dir).is_dir() else None
+    return run_script(path, script.args, timeout=script.timeout_seconds, env=env, cwd=cwd, kill_grace=kill_grace,
                       label=script.path)
