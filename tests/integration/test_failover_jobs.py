@@ -274,6 +274,22 @@ def test_unplanned_failover_to_a_given_point(store: Store, runner: JobRunner, si
     assert mat["point"] == {"web01-vda": first["id"]} and mat["purpose"] == "failover"
 
 
+def test_unplanned_failover_to_a_given_point_after_a_final_sync_keeps_that_point(
+        store: Store, runner: JobRunner, sites: Sites) -> None:
+    """The final sync (shutdown_source) makes a newer point; the operator's choice stands."""
+    item_id = protect(sites, runner)
+    first = sites.hosts[SECONDARY].points["web01-vda"][-1]
+    _, job_id = failover.start_failover(store, runner, item=item_id, type="unplanned", point=first["cycle"],
+                                        shutdown_source=True)
+    done = run_job(sites, job_id)
+    assert done.state == "succeeded", done.error
+    assert step_states(done)["try to replicate the last changes"] == "done"
+    assert len(sites.hosts[SECONDARY].points["web01-vda"]) >= 2  # the final sync's point exists
+    assert done.result["point"]["id"] == first["cycle"]
+    (_, mat), = sites.kinds("materialize")
+    assert mat["point"] == {"web01-vda": first["id"]}
+
+
 # ---------------------------------------------------------------- a runner restart at every step
 
 

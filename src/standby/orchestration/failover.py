@@ -609,7 +609,11 @@ class _Run:
         res = self.task(a, Site.SECONDARY, "list_points", {"disk_ids": disk_ids})
         points = _disk_points(res.get("points") or {})
         committed = self.extra.get("committed")
-        if committed and self.wf.kind in (Kind.PLANNED_FAILOVER, Kind.UNPLANNED_FAILOVER):
+        # A planned failover takes its final sync's point (zero loss); an unplanned one only
+        # when the operator asked for the latest: an older point chosen stays chosen.
+        takes_sync = self.wf.kind is Kind.PLANNED_FAILOVER or (
+            self.wf.kind is Kind.UNPLANNED_FAILOVER and self.wf.options.point == PointChoice.LATEST.value)
+        if committed and takes_sync:
             p = point_of_cycle(points, committed, disks=disk_ids)   # zero loss: the final sync's point
             chosen = {"id": p.id, "disks": dict(p.disks), "created_at": p.created_at, "how": "final sync"}
         else:
