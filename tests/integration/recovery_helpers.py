@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from standby.domain.retention import RetentionPolicy, points_to_remove
 from standby.orchestration.scheduler import Scheduler
 from standby.store import Store
 from standby.store.models import AgentTask
@@ -124,15 +125,18 @@ class Sites:
         if kind == "restore_disk":
             host.restored[p["image"]] = p.get("point")
             return {"bytes": 8192}
-        if kind == "prune":
+        if kind == "prune":  # the real retention rules, as the agent applies them
+            policy = RetentionPolicy(float(p.get("retention_hours") or 0), None, float(p.get("keep_all_minutes") or 0))
+            keep_ids = set((p.get("keep") or {}).values())
             removed = {}
             for d in p["disk_ids"]:
                 pts = host.points.get(d, [])
-                keep = {pts[-1]["id"]} if pts else set()
-                keep |= set((p.get("keep") or {}).values()) if d in (p.get("keep") or {}) else set()
-                keep |= {pt["id"] for pt in pts if pt["pinned"]}
-                removed[d] = [pt["id"] for pt in pts if pt["id"] not in keep]
-                host.points[d] = [pt for pt in pts if pt["id"] in keep]
+                infos = [(pt["id"], datetime.fromisoformat(pt["created_at"]).timestamp(), pt["consistency"])
+                         for pt in pts]
+                pinned = {pt["id"] for pt in pts if pt["pinned"]} | keep_ids
+                gone = set(points_to_remove(infos, policy, time.time(), pinned))
+                removed[d] = [pt["id"] for pt in pts if pt["id"] in gone]
+                host.points[d] = [pt for pt in pts if pt["id"] not in gone]
             return {"removed": removed, "missing": []}
         raise _Fail(f"unknown task kind {kind}")
 

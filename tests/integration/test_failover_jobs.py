@@ -78,6 +78,16 @@ def protect(sites: Sites, runner: JobRunner, vm: str = "web01") -> int:
     return item_id
 
 
+def keep_recent_points(store: Store, minutes: int = 60) -> None:
+    """Every policy keeps the last `minutes` of points (retention 0 alone keeps the latest only)."""
+    from sqlalchemy import update
+
+    from standby.store.models import Policy
+
+    with store.transaction() as s:
+        s.execute(update(Policy).values(keep_all_points_minutes=minutes))
+
+
 def step_states(j: SimpleNamespace) -> dict[str, str]:
     return {st["name"]: st["status"] for st in j.payload["run"]["steps"]}
 
@@ -260,6 +270,7 @@ def test_unplanned_failover_continues_when_the_source_cannot_be_shut_down(store:
 
 
 def test_unplanned_failover_to_a_given_point(store: Store, runner: JobRunner, sites: Sites) -> None:
+    keep_recent_points(store)
     item_id = protect(sites, runner)
     first = sites.hosts[SECONDARY].points["web01-vda"][-1]
     with store.transaction() as s:
@@ -277,6 +288,7 @@ def test_unplanned_failover_to_a_given_point(store: Store, runner: JobRunner, si
 def test_unplanned_failover_to_a_given_point_after_a_final_sync_keeps_that_point(
         store: Store, runner: JobRunner, sites: Sites) -> None:
     """The final sync (shutdown_source) makes a newer point; the operator's choice stands."""
+    keep_recent_points(store)
     item_id = protect(sites, runner)
     first = sites.hosts[SECONDARY].points["web01-vda"][-1]
     _, job_id = failover.start_failover(store, runner, item=item_id, type="unplanned", point=first["cycle"],

@@ -79,15 +79,12 @@ def test_parse_time() -> None:
     assert parse_time(datetime(2026, 3, 1, 13, tzinfo=timezone(timedelta(hours=1))).isoformat()) == T0
 
 
-def test_should_prune_only_when_history_is_kept_and_no_failover_holds_the_points() -> None:
-    assert not should_prune(0, State.PROTECTED)
-    assert should_prune(24, State.PROTECTED)
-    assert not should_prune(24, State.COMMIT_PENDING)
-    assert not should_prune(24, State.FAILOVER_IN_PROGRESS)
-    # keep_all_points_minutes alone is history too (retention 0 keeps latest + last N minutes).
-    assert should_prune(0, State.PROTECTED, 15)
-    assert not should_prune(0, State.PROTECTED, 0)
-    assert not should_prune(0, State.COMMIT_PENDING, 15)
+def test_should_prune_after_every_cycle_unless_a_failover_holds_the_points() -> None:
+    # Retention 0 prunes too (to the latest point): otherwise the replica's chain only grows.
+    assert should_prune(State.PROTECTED)
+    assert should_prune(State.RESYNCHRONIZING)
+    assert not should_prune(State.COMMIT_PENDING)
+    assert not should_prune(State.FAILOVER_IN_PROGRESS)
 
 
 def test_prune_params_carry_keep_all_minutes_and_a_window_covering_them() -> None:

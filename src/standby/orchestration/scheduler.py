@@ -132,12 +132,11 @@ def parse_time(value: Any) -> datetime | None:
     return t
 
 
-def should_prune(retention_hours: int, state: State, keep_all_points_minutes: int = 0) -> bool:
-    """A prune task follows a cycle when the policy keeps history (hourly points or the
-    last minutes' points) and no failover holds the points. With neither, no prune is sent
-    (and the replica store removes nothing by itself)."""
-    keeps_history = retention_hours > 0 or keep_all_points_minutes > 0
-    return keeps_history and lifecycle.may_prune_recovery_points(state)
+def should_prune(state: State) -> bool:
+    """A prune task follows every cycle unless a failover holds the points: the policy's
+    retention (0 hours = the latest point only, as in the reference) is what bounds the
+    replica's chain and its storage; the replica store removes nothing by itself."""
+    return lifecycle.may_prune_recovery_points(state)
 
 
 def prune_params(disk_ids: list[str], retention_hours: int, app_consistent_interval_hours: int,
@@ -591,8 +590,7 @@ class Scheduler:
         if not self._replicates(item):
             item.next_cycle_at = None  # paused (or failed over) while the cycle ran
         state = _state(item.state)
-        if state is not None and should_prune(policy.recovery_point_retention_hours, state,
-                                              policy.keep_all_points_minutes):
+        if state is not None and should_prune(state):
             self._enqueue_prune(s, item, task, details["disk_ids"], now)
         s.flush()
 
