@@ -221,6 +221,8 @@ def test_planned_failover_commit_reverse_replication_and_failback(store: Store, 
     assert forward["force_hash_scan"] is True and "disk_ids" not in forward
     steps = {st["name"]: st for st in done.result["steps"]}
     assert steps["resynchronize forward to the secondary"]["bytes"] == 4096
+    # Over the network: the final sync and the forward hash scan; the restore is local.
+    assert done.result["bytes_moved"] == 65536 + 4096 and done.result["bytes_restored"] == 8192
     assert not sites.violations
 
 

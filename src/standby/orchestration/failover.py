@@ -287,15 +287,19 @@ class _Run:
 
     def save_result(self, done: Done | None) -> dict[str, Any]:
         steps = []
-        total = 0
+        total = restored = 0
         for st, rec in zip(self.wf.steps, self.state.records, strict=True):
             info = self.extra["steps"].get(st.name, {})
             total += int(info.get("bytes", 0) or 0)
+            restored += int(info.get("bytes_restored", 0) or 0)
             steps.append({"name": st.name, "status": rec.status.value, "attempts": rec.attempts,
                           "seconds": info.get("seconds"), "bytes": info.get("bytes", 0), "error": rec.error,
-                          "undo_error": rec.undo_error, **({"note": info["note"]} if info.get("note") else {})})
+                          "undo_error": rec.undo_error, **({"note": info["note"]} if info.get("note") else {}),
+                          **({"bytes_restored": info["bytes_restored"]} if info.get("bytes_restored") else {})})
+        # bytes_moved: what crossed the network between the sites; bytes_restored: what a
+        # failback wrote from the local replica into the VM's own disk on the same host.
         result: dict[str, Any] = {"kind": self.wf.kind.value, "item_id": self.item_id, "steps": steps,
-                                  "bytes_moved": total}
+                                  "bytes_moved": total, "bytes_restored": restored}
         if done is not None:
             result.update(outcome=done.outcome.value, message=done.message, failed=list(done.failed))
         for key in ("point", "replica_vm", "test_vm", "notes", "declared_lost"):
@@ -351,9 +355,9 @@ class _Run:
         key = "undo_seconds" if a.kind is ActionKind.UNDO else "seconds"
         info[key] = round(float(info.get(key) or 0) + time.monotonic() - started, 3)
 
-    def _add_bytes(self, a: Action, n: int) -> None:
+    def _add_bytes(self, a: Action, n: int, *, key: str = "bytes") -> None:
         info = self.extra["steps"].setdefault(a.step, {})
-        info["bytes"] = int(info.get("bytes", 0) or 0) + max(0, int(n or 0))
+        info[key] = int(info.get(key, 0) or 0) + max(0, int(n or 0))
 
     def _note(self, a: Action, note: str) -> None:
         self.extra["steps"].setdefault(a.step, {})["note"] = note
@@ -532,7 +536,7 @@ class _Run:
                     res = self.task(a, Site.PRIMARY, "restore_disk",
                                     {"disk_id": disk_id, "point": committed.get(disk_id), "image": path},
                                     key=disk_id)
-                    self._add_bytes(a, int(res.get("bytes", 0) or 0))
+                    self._add_bytes(a, int(res.get("bytes", 0) or 0), key="bytes_restored")
         elif op is Op.UNDEFINE_VM:
             assert site is not None
             self.task(a, site, "undefine_vm", {"name": replica if site is Site.SECONDARY else vm, **stop})
