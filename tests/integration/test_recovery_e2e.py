@@ -147,8 +147,9 @@ def site(tmp_path_factory: pytest.TempPathFactory, libvirt_conn: Any,
         d.add_agent("host-b", cloud="secondary", domains=[f"dr-sbt-rc{tag}-*"], vm_prefix="dr-")
         d.wait_for(lambda: {v["name"] for v in s.api.get("/vms", params={"cloud": "primary"})["items"]}
                    >= {s.vm(n) for n in NAMES}, 90, "inventory of every guest", log=d.server)
+        # The last 30 minutes' points stay selectable (hourly retention alone keeps one per hour).
         s.api.post("/policies", json={"name": "rc", "copy_frequency_seconds": 30,
-                                      "recovery_point_retention_hours": 2})
+                                      "recovery_point_retention_hours": 2, "keep_all_points_minutes": 30})
         s.api.post("/pairings", json={"primary_cloud": "primary", "secondary_cloud": "secondary", "policy": "rc"})
         jobs = [s.api.post("/items", json={"vm": s.vm(n)})["job"]["id"] for n in NAMES]
         for j in jobs:
@@ -228,6 +229,7 @@ def test_failback_loses_no_record_and_replication_goes_forward_again(site: Site)
     assert verdict.ok, verdict.line()
     site.conn.lookupByName(web).create()  # back in service for the plan test
     moved = _bytes_moved(job)
+    print(f"failback moved {moved} bytes; job result: {json.dumps(job.get('result'), default=str)[:2000]}")
     assert moved < DISK_MIB * 2**20 // 2, f"failback moved {moved} bytes"
 
 
@@ -289,7 +291,9 @@ def test_three_group_plan_with_scripts_and_a_manual_action(site: Site, tmp_path:
         return next((i + 1 for i, st in enumerate(statuses) if st == "waiting"), None)
 
     pos = site.d.wait_for(waiting_step, 300, "the plan to wait on its manual action", log=site.d.server)
-    assert site.running(site.replica("p1") + "-test") and marker.read_text().split()[0] == "db"
+    assert site.running(site.replica("p1") + "-test")
+    assert marker.exists(), json.dumps(site.api.get(f"/jobs/{job_id}"), indent=1, default=str)[-3000:]
+    assert marker.read_text().split() == ["db", site.vm("p1")]
     site.api.post(f"/jobs/{job_id}/confirm", json={"step": pos})
     job = site.d.wait_job(job_id, 300)
     assert job["state"] == "failed", job  # the failing post script is reported
