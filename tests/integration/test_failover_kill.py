@@ -27,9 +27,6 @@ from standby.testing import guest  # noqa: E402
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(1500),
-    # Issue 6 is in progress: run on demand until it passes on a clean machine.
-    pytest.mark.skipif(os.environ.get("STANDBY_RECOVERY_E2E") != "1",
-                       reason="failover kill runs are being brought up (issue 6): STANDBY_RECOVERY_E2E=1 runs them"),
 ]
 
 RUNS = 10

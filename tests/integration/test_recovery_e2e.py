@@ -16,7 +16,6 @@ file order and each leaves its VM in a known state:
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import uuid
@@ -35,9 +34,6 @@ from standby.testing import guest  # noqa: E402
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(600),
-    # Issue 6 is in progress: these run on demand until every scenario passes on a clean machine.
-    pytest.mark.skipif(os.environ.get("STANDBY_RECOVERY_E2E") != "1",
-                       reason="recovery end to end is being brought up (issue 6): STANDBY_RECOVERY_E2E=1 runs it"),
 ]
 
 RATE = 10

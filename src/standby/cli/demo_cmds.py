@@ -28,12 +28,12 @@ def demo_cmd(
                                  help="Where the demo keeps its VMs, control plane and agents (emptied first)."),
     cycles: int = typer.Option(2, "--cycles", min=1, max=20, help="Delta cycles to wait for per VM."),
     keep: bool = typer.Option(False, "--keep", help="Leave the control plane, agents and guests running."),
-    recovery: bool = typer.Option(False, "--recovery/--no-recovery",
-                                  help="Also drill: test failover, planned failover, reverse replication, failback "
-                                       "(being brought up: issue 6)."),
+    recovery: bool = typer.Option(True, "--recovery/--no-recovery",
+                                  help="Drill recovery after replicating: test failover and cleanup, planned "
+                                       "failover (records lost counted), commit, reverse replication, failback."),
     as_json: bool = typer.Option(False, "--json", help="End with one JSON object of the figures."),
 ) -> None:
-    """Run the demo: two sites on this machine; protect two guests, replicate, show health."""
+    """Run the demo: two sites on this machine; protect two guests, replicate, drill recovery."""
     from standby.demo.run import Demo
 
     for name in ("single-server-two-clouds.yaml", "kvm-two-sites.yaml", "hyperv-vmm.yaml"):

@@ -232,9 +232,12 @@ class Demo:
             start = _start_seq(self._console(vm))
             lost = max(0, acked - (start - 1))
             f["failback"] = {"replica_last_record": acked, "source_first_record": start, "records_lost": lost,
-                             "bytes_moved": _bytes_moved(job), "seconds": _job_seconds(job)}
+                             "bytes_moved": _bytes_moved(job),
+                             "bytes_restored": int((job.get("result") or {}).get("bytes_restored") or 0),
+                             "seconds": _job_seconds(job)}
             d.wait_for(lambda: d.item(vm)["state"] == "protected", 300, "forward replication after failback")
-            s.detail = f"{lost} records lost, {f['failback']['bytes_moved'] / 1e6:.2f} MB moved; protected again"
+            s.detail = (f"{lost} records lost; {f['failback']['bytes_moved'] / 1e6:.2f} MB sent between the sites, "
+                        f"{f['failback']['bytes_restored'] / 1e6:.2f} MB restored locally; protected again")
         f["records_lost_planned_failover"] = f["planned_failover"]["records_lost"]
         self.result.items = api.get("/items")["items"]
 
