@@ -45,25 +45,28 @@ def demo_cmd(
                 say=lambda m: out.print(m, highlight=False))
     try:
         result = demo.run()
+        if not as_json:  # before the teardown, so the table's ages are those of now
+            from standby.cli.control_cmds import items_table
+
+            console.print(items_table(result.items))
     finally:
         demo.close(keep=keep)
     if as_json:
         print(json.dumps(result.as_dict(), indent=2, default=str))
         return
-    from standby.cli.control_cmds import items_table
-
-    console.print(items_table(result.items))
     f = result.figures
     console.rule("[bold]summary")
     console.print(f"initial replication: {f['initial_replication_bytes'] / 1e6:.1f} MB in "
                   f"{f['initial_replication_seconds']} s; worst RPO {f['rpo_seconds_max']} s; "
                   f"{f['bytes_replicated'] / 1e6:.1f} MB replicated")
     if recovery:
-        pf, fb = f["planned_failover"], f["failback"]
+        pf, fb, tf = f["planned_failover"], f["failback"], f["test_failover"]
+        console.print(f"test failover: the test VM found {tf['test_vm_found_records']} records; source kept "
+                      f"running: {tf['source_kept_running']}; replication continued: {tf['replication_continued']}")
         console.print(f"planned failover: {pf['records_lost']} records lost in {pf['seconds']} s; "
                       "reverse replication "
                       f"{f['reverse_replication_bytes'] / 1e6:.2f} MB; failback {fb['records_lost']} records lost, "
-                      f"{fb['bytes_moved'] / 1e6:.2f} MB in {fb['seconds']} s")
+                      f"{fb['bytes_moved'] / 1e6:.2f} MB sent in {fb['seconds']} s")
     if keep:
         console.print(f"left running: control plane {result.url}, work dir {result.workdir}")
     sys.stdout.flush()
