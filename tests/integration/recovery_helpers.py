@@ -56,6 +56,7 @@ class Sites:
     fail: dict[tuple[str, str | None], str] = field(default_factory=dict)  # (kind, name) -> error, once
     fail_always: dict[tuple[str, str | None], str] = field(default_factory=dict)
     hold: set[str] = field(default_factory=set)          # task kinds left unanswered
+    before: dict[str, Callable[[Host, AgentTask], None]] = field(default_factory=dict)  # kind -> run once first
     log: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 
@@ -91,7 +92,7 @@ class Sites:
         if kind == "materialize":
             for d, pid in p["point"].items():
                 if pid not in {pt["id"] for pt in host.points.get(d, [])}:
-                    raise _Fail(f"no point {pid} of disk {d}")
+                    raise _Fail(f"no point {pid} of disk {d}", "NotFound")  # as the agent's replica store
             ov = host.overlays.setdefault(p["tag"], {t: f"/replicas/overlays/{p['tag']}/{t}.qcow2"
                                                      for t in p["disk_ids"]})
             return {"overlays": dict(ov)}
@@ -172,13 +173,16 @@ class Sites:
                 for task in tasks.claim(s, agent.id, max=50):
                     if task.kind in self.hold:
                         continue
+                    etype = None
+                    if task.kind in self.before:
+                        self.before.pop(task.kind)(host, task)
                     try:
                         body, ok, err = self._answer(host, task), True, None
                     except _Fail as e:
-                        body, ok, err = {}, False, str(e)
+                        body, ok, err, etype = {}, False, str(e), e.error_type
                     self.log.append((hname, task.kind, dict(task.params)))
                     done, _ = tasks.finish(s, agent.id, task.id, ok=ok, result=body, error=err,
-                                           error_type=None if ok else "RemoteError")
+                                           error_type=etype)
                     self.scheduler.apply_task_result(s, done, utcnow())
                     n += 1
         return n
@@ -198,4 +202,6 @@ class Sites:
 
 
 class _Fail(Exception):
-    pass
+    def __init__(self, message: str, error_type: str = "RemoteError") -> None:
+        super().__init__(message)
+        self.error_type = error_type

@@ -237,7 +237,8 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         # the point holds every record the guest acknowledged before protection was asked for
         console.wait_for(lambda c: c.acked() >= 5, 90, alive=dom.isActive)
         acked = console.acked()
-        d.run_cli("policy", "create", "fast", "--copy-frequency", "continuous")
+        # The test reads the points it is told of: keep them (retention alone keeps the latest only).
+        d.run_cli("policy", "create", "fast", "--copy-frequency", "continuous", "--keep-all-points-minutes", "60")
         d.run_cli("pair", "primary", "secondary", "--policy", "fast")
         out = json.loads(d.run_cli("protect", name, "--json", "--no-wait").stdout)
         job = d.wait_job(out["job"]["id"], 300)
@@ -305,7 +306,8 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         # offline initial replication through the protection job: seed_export on host-a,
         # seed_import on host-b, then a catch-up cycle that sends only the change since
         carried = tmp_path / "carried"
-        d.run_cli("policy", "create", "seeded", "--copy-frequency", "5m", "--initial", "offline",
+        d.run_cli("policy", "create", "seeded", "--copy-frequency", "5m", "--keep-all-points-minutes", "60",
+                  "--initial", "offline",
                   "--export-path", str(carried), "--import-path", str(carried))
         pairing = api.get("/pairings")["items"][0]
         api.post(f"/pairings/{pairing['id']}/policies", json={"policy": "seeded"})

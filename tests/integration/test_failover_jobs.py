@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cp_helpers import build  # noqa: E402
-from recovery_helpers import PREFIX, PRIMARY, SECONDARY, Sites, utcnow  # noqa: E402
+from recovery_helpers import PREFIX, PRIMARY, SECONDARY, Host, Sites, utcnow  # noqa: E402
 
 from standby.domain.failover import Kind, workflow  # noqa: E402
 from standby.domain.lifecycle import TransitionRefused  # noqa: E402
@@ -138,6 +138,41 @@ def test_test_failover_runs_beside_replication_and_is_cleaned_up_with_notes(
     assert "web01" in sites.hosts[PRIMARY].running
     with pytest.raises(Refused, match="no test failover"):
         failover.cleanup_test_failover(store, runner, item=item_id)
+
+
+def test_a_point_pruned_between_choice_and_materialize_is_chosen_again(
+        store: Store, runner: JobRunner, sites: Sites) -> None:
+    item_id = protect(sites, runner)
+    sec = sites.hosts[SECONDARY]
+    chosen = sec.points["web01-vda"][-1]["id"]
+
+    def cycle_and_prune(host: Host, _task: object) -> None:  # what replication does meanwhile
+        newer = sites._point(host, "web01-vda", cycle="cp-meanwhile")
+        host.points["web01-vda"] = [pt for pt in host.points["web01-vda"] if pt["id"] == newer]
+
+    sites.before["materialize"] = cycle_and_prune
+    _, job_id = failover.start_test_failover(store, runner, item=item_id, point="latest")
+    done = run_job(sites, job_id)
+    assert done.state == "succeeded", done.error
+    mats = sites.kinds("materialize")
+    assert [m["point"]["web01-vda"] for _, m in mats] == [chosen, sec.points["web01-vda"][-1]["id"]]
+    step = next(st for st in done.result["steps"] if st["name"].startswith("materialize"))
+    assert "choosing again" in step["note"]
+
+
+def test_a_named_point_pruned_before_materialize_fails_the_test_failover(
+        store: Store, runner: JobRunner, sites: Sites) -> None:
+    keep_recent_points(store)
+    item_id = protect(sites, runner)
+    named = sites.hosts[SECONDARY].points["web01-vda"][-1]["cycle"]
+    sites.before["materialize"] = lambda host, _t: host.points["web01-vda"].clear()
+    _, job_id = failover.start_test_failover(store, runner, item=item_id, point=named)
+    done = run_job(sites, job_id)
+    assert done.state == "failed", done.error
+    step = next(st for st in done.result["steps"] if st["name"].startswith("materialize"))
+    assert "NotFound" in step["error"], step
+    assert len(sites.kinds("materialize")) == 1  # the operator's named point is not replaced
+    assert item(store, item_id).state == "protected"
 
 
 def test_a_failed_test_failover_step_rolls_back(store: Store, runner: JobRunner, sites: Sites) -> None:

@@ -92,6 +92,7 @@ __all__ = [
 log = logging.getLogger("standby.failover")
 
 FAILOVER_JOB_KINDS = tuple(k.value for k in Kind)
+MATERIALIZE_ATTEMPTS = 3   # a point chosen by rule, pruned before materialize pinned it: chosen again
 STOP_TIMEOUT = 120.0        # a guest shutdown, forced off after this (stop_vm's timeout_seconds)
 FENCE_DEADLINE = 300.0      # an unplanned failover waits this long for an unreachable source
 RESYNC_TIMEOUT = 24 * 3600.0
@@ -468,9 +469,21 @@ class _Run:
             if not point:
                 raise Refused("no recovery point was chosen")
             tag = f"test-{self.item_id}" if test else f"failover-{self.item_id}"
-            res = self.task(a, Site.SECONDARY, "materialize",
-                            {"vm": vm, "disk_ids": it["disk_map"], "point": point["disks"],
-                             "purpose": "test" if test else "failover", "tag": tag})
+            for attempt in range(1, MATERIALIZE_ATTEMPTS + 1):
+                try:
+                    res = self.task(a, Site.SECONDARY, "materialize",
+                                    {"vm": vm, "disk_ids": it["disk_map"], "point": point["disks"],
+                                     "purpose": "test" if test else "failover", "tag": tag})
+                    break
+                except RemoteError as e:
+                    # Replication goes on during a test failover, and retention may prune the
+                    # point chosen (not pinned yet) in between: a point chosen by rule is
+                    # chosen again; one the operator named is not replaced.
+                    if attempt == MATERIALIZE_ATTEMPTS or not self._rechoosable() or "(NotFound)" not in e.message:
+                        raise
+                    self._note(a, f"point {point['id']} went before it was pinned; choosing again")
+                    self._choose_point(a, it, key=f"again-{attempt}")
+                    point = self.extra["point"]
             overlays = dict(res.get("overlays") or {})
             if test:
                 self.extra["test"].update(overlays=overlays, tag=tag)
@@ -608,9 +621,14 @@ class _Run:
             self.extra["declared_lost"] = True
             self._note(a, f"the source did not power off ({e.message}): declared lost")
 
-    def _choose_point(self, a: Action, it: dict[str, Any]) -> None:
+    def _rechoosable(self) -> bool:
+        """The point was chosen by a rule (latest ...), not named, nor a final sync's."""
+        return self.wf.options.point in {c.value for c in PointChoice} and not (
+            self.extra.get("point") or {}).get("how") == "final sync"
+
+    def _choose_point(self, a: Action, it: dict[str, Any], key: str = "") -> None:
         disk_ids = sorted(it["disk_map"].values())
-        res = self.task(a, Site.SECONDARY, "list_points", {"disk_ids": disk_ids})
+        res = self.task(a, Site.SECONDARY, "list_points", {"disk_ids": disk_ids}, key=key)
         points = _disk_points(res.get("points") or {})
         committed = self.extra.get("committed")
         # A planned failover takes its final sync's point (zero loss); an unplanned one only
