@@ -134,13 +134,20 @@ def test_failover_vm_boots_from_overlay_and_is_removed_with_its_checkpoints(
     _checkpoint(libvirt_conn.lookupByName(name), "cp2")
 
     t0 = time.monotonic()
-    graceful = shutdown_vm(libvirt_conn, name, timeout=2)
-    assert graceful is False  # the test guest has no ACPI handler: forced off after the timeout
+    graceful = shutdown_vm(libvirt_conn, name, timeout=0)  # no time allowed: powered off
+    assert graceful is False
     assert time.monotonic() - t0 < 30
     assert vm_info(libvirt_conn, name).state is VmState.SHUT_OFF
     verdict = guest.verify_image(overlay)
     assert verdict.ok and verdict.last >= acked
     assert guest.verify_image(source["disk"]).last == BASE_RECORDS - 1  # the point itself is untouched
+
+    start_vm(libvirt_conn, name)
+    console.wait_for(lambda c: "standby-guest: write start" in c.text().rsplit("reboot: Power down", 1)[-1], 90)
+    # The test guest answers the ACPI power button: it stops after a whole record.
+    assert shutdown_vm(libvirt_conn, name, timeout=60) is True
+    assert "standby-guest: shutdown last=" in console.text()
+    assert guest.verify_image(overlay).ok
 
     start_vm(libvirt_conn, name)
     try:
