@@ -416,7 +416,8 @@ class _Run:
                 return result
             if state not in OPEN:
                 kind = f" ({etype})" if etype else ""
-                raise RemoteError(f"{what} {state} on {who}: {error or 'no reason given'}{kind}")
+                raise RemoteError(f"{what} {state} on {who}: {error or 'no reason given'}{kind}",
+                                  details={"error_type": etype} if etype else None)
             if time.monotonic() > end:
                 raise RemoteError(f"gave up waiting for {what} after {timeout:g} s")
             if self.ctx.runner.wait_stopping(self.ctx.settings.tick_seconds):
@@ -479,7 +480,8 @@ class _Run:
                     # Replication goes on during a test failover, and retention may prune the
                     # point chosen (not pinned yet) in between: a point chosen by rule is
                     # chosen again; one the operator named is not replaced.
-                    if attempt == MATERIALIZE_ATTEMPTS or not self._rechoosable() or "(NotFound)" not in e.message:
+                    pruned = e.details.get("error_type") == NotFound.__name__
+                    if attempt == MATERIALIZE_ATTEMPTS or not self._rechoosable() or not pruned:
                         raise
                     self._note(a, f"point {point['id']} went before it was pinned; choosing again")
                     self._choose_point(a, it, key=f"again-{attempt}")
