@@ -21,6 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
+from migration_helpers import insert_legacy_policy  # noqa: E402
 from standby.errors import BadInput, Conflict, NotFound, Refused
 from standby.store import Store, StoreError, open_store
 from standby.store.base import Base
@@ -138,15 +139,7 @@ def test_migration_0004_gives_existing_policies_keep_all_points_0_and_checks_it(
     try:
         upgrade(engine, "0003")
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO policies (name, description, copy_frequency_seconds, recovery_point_retention_hours,"
-                    " app_consistent_interval_hours, compression, authentication, replication_port,"
-                    " initial_replication, delete_replica_on_disable, created_at, updated_at)"
-                    " VALUES ('old', '', 300, 24, 0, true, 'certificate', 7443, 'now', false, :t, :t)"
-                ),
-                {"t": T0.replace(tzinfo=None) if engine.dialect.name == "sqlite" else T0},
-            )
+            insert_legacy_policy(conn, T0, retention_hours=24)
         upgrade(engine, "0004")
         assert current_revision(engine) == "0004"
         with engine.connect() as conn:

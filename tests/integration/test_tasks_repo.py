@@ -7,8 +7,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
 
+from migration_helpers import insert_legacy_policy  # noqa: E402
 from standby.errors import BadInput, Conflict, NotFound
 from standby.store import Store, open_store
 from standby.store.db import create_store_engine, current_revision, upgrade
@@ -205,15 +205,7 @@ def test_migration_0002_over_a_populated_0001_store(empty_store_url: str) -> Non
     try:
         upgrade(engine, "0001")
         with engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO policies (name, description, copy_frequency_seconds, recovery_point_retention_hours,"
-                    " app_consistent_interval_hours, compression, authentication, replication_port,"
-                    " initial_replication, delete_replica_on_disable, created_at, updated_at)"
-                    " VALUES ('old', '', 300, 0, 0, true, 'certificate', 7443, 'now', false, :t, :t)"
-                ),
-                {"t": T0.replace(tzinfo=None) if engine.dialect.name == "sqlite" else T0},
-            )
+            insert_legacy_policy(conn, T0)
         upgrade(engine, "0002")
         assert current_revision(engine) == "0002"
         upgrade(engine)  # and on to head: later migrations keep the row too
