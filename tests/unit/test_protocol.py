@@ -93,10 +93,14 @@ def test_bad_headers(head: bytes, message: str) -> None:
 
 def test_truncated() -> None:
     raw = SAMPLES[0].encode()
-    with pytest.raises(ProtocolError, match="truncated frame: connection closed after 5 of 16 header bytes"):
+    with pytest.raises(p.ConnectionLost, match="connection lost mid-frame: after 5 of 16 header bytes"):
         p.read_frame(io.BytesIO(raw[:5]))
-    with pytest.raises(ProtocolError, match="truncated HELLO frame"):
+    with pytest.raises(p.ConnectionLost, match=r"after \d+ of \d+ payload bytes of a HELLO frame"):
         p.read_frame(io.BytesIO(raw[:-1]))
+    # a DATA frame cut inside its body is a lost connection, never a checksum question
+    data = p.Data(0, 4096, bytes(16), bytes(4096)).encode()
+    with pytest.raises(p.ConnectionLost, match="of a DATA frame"):
+        p.read_frame(io.BytesIO(data[:-100]))
     with pytest.raises(p.ConnectionClosed):
         p.read_frame(io.BytesIO(b""))
 

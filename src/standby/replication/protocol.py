@@ -144,6 +144,11 @@ class ConnectionClosed(ProtocolError):
     """The peer closed the connection at a frame boundary."""
 
 
+class ConnectionLost(ProtocolError):
+    """The stream ended inside a frame: a cut link or a peer that died mid-write. Not a
+    malformed frame and never an integrity error: nothing of the partial frame is used."""
+
+
 class FrameType(enum.IntEnum):
     HELLO = 1
     HELLO_OK = 2
@@ -803,18 +808,19 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 def read_frame(stream: BinaryIO) -> Message:
     """Read and decode one frame from a binary stream (a socket's makefile('rb')).
 
-    Raises ConnectionClosed at a clean end of stream, ProtocolError for everything else
-    that is wrong with the bytes; OSError (timeouts, resets) passes through."""
+    Raises ConnectionClosed at a clean end of stream, ConnectionLost when it ends inside a
+    frame, ProtocolError for everything else that is wrong with the bytes; OSError
+    (timeouts, resets) passes through."""
     head = _read_exact(stream, HEADER_SIZE)
     if not head:
         raise ConnectionClosed("connection closed by the peer")
     if len(head) < HEADER_SIZE:
-        raise ProtocolError(f"truncated frame: connection closed after {len(head)} of {HEADER_SIZE} header bytes")
+        raise ConnectionLost(f"connection lost mid-frame: after {len(head)} of {HEADER_SIZE} header bytes")
     ftype, flags, length = parse_header(head)
     payload = _read_exact(stream, length) if length else b""
     if len(payload) < length:
-        raise ProtocolError(f"truncated {ftype.name} frame: connection closed after {len(payload)} "
-                            f"of {length} payload bytes")
+        raise ConnectionLost(f"connection lost mid-frame: after {len(payload)} of {length} payload bytes "
+                             f"of a {ftype.name} frame")
     return decode_frame(ftype, flags, payload)
 
 

@@ -33,12 +33,20 @@ decompressed block.
 Dead peers: accepted sockets use TCP keepalive with short probes (`keepalive`: idle,
 interval, count), so a stream whose sender vanished without a FIN or a reset (a cut link,
 a rebooted primary) fails in well under a minute instead of after `io_timeout`. And a new
-stream 0 (CYCLE_BEGIN of the same cycle on the same base, from the same sender
-certificate) takes over a session whose streams have been quiet for `takeover_quiet`
-seconds: the stale streams' sockets are shut down, they leave the session (its staged
-blocks are checkpointed, as after any failure), and the cycle resumes on the new
-connection. Two live sessions never write the same cycle: the takeover waits until every
-stale stream has left before the store reopens the cycle.
+stream 0 from the same sender certificate (CYCLE_BEGIN of the same cycle, a seed
+resuming, or of another one, a delta retried under a new id) takes over a session whose
+streams have been quiet for `takeover_quiet` seconds: the stale streams' sockets are
+hung up, they leave the session (its staged blocks are checkpointed, as after any
+failure), and the new cycle opens (a seed resumes from the staged blocks). Two live
+sessions never write one disk: the takeover waits until every stale stream has left
+before the store reopens the cycle. Streams 1..n-1 of a new cycle that find another
+cycle's session wait for it to go (up to `join_timeout`) instead of being refused: after
+a cut link, the agent may see the new cycle before the old streams' end.
+
+Sockets are hung up from other threads with `tls.hang_up`, never `SSLSocket.shutdown`
+(which drops TLS under a thread still reading: it read raw records as frames). A stream
+that ends inside a frame is a lost connection (`ConnectionLost`), not a protocol error:
+an integrity error always means that bytes were corrupted.
 
 Growing disks: a HELLO announcing a larger size than the replica's is accepted (the
 replica grows with the next point, see `DiskReplica.resize`); a smaller one is refused.
@@ -71,6 +79,7 @@ from standby.replication.protocol import (
     Ack,
     AckKind,
     ConnectionClosed,
+    ConnectionLost,
     CycleBegin,
     CycleEnd,
     Data,
@@ -91,7 +100,7 @@ from standby.replication.protocol import (
     valid_id,
 )
 from standby.replication.store import CycleWriter, DiskReplica, ReplicaStore
-from standby.replication.tls import describe_tls_error, peer_name
+from standby.replication.tls import describe_tls_error, hang_up, peer_name
 
 log = logging.getLogger("standby.agent")
 
@@ -118,7 +127,7 @@ def _wire_code(exc: BaseException | None) -> ErrorCode:
         return exc.code
     if isinstance(exc, zstandard.ZstdError):
         return ErrorCode.PROTOCOL
-    if isinstance(exc, ConnectionClosed):
+    if isinstance(exc, (ConnectionClosed, ConnectionLost)):
         return ErrorCode.REMOTE
     code = error_code_for(exc)
     return ErrorCode.REMOTE if code is ErrorCode.INTERNAL else code
@@ -211,10 +220,7 @@ class Receiver:
             conns = list(self._conns)
             threads = list(self._threads)
         for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            hang_up(c)  # not SSLSocket.shutdown: see tls.hang_up
         for t in threads:
             t.join(timeout)
         if self._accept_thread is not None:
@@ -302,10 +308,12 @@ class Receiver:
         return session
 
     def _may_take_over(self, old: Session, begin: CycleBegin, identity: str) -> bool:
-        """A new stream 0 may take over `old` (lock held): same cycle, same base, same sender
-        certificate, and no frame on any of its streams for `takeover_quiet` seconds."""
-        return (not old.finished and old.cycle_id == begin.cycle_id and old.base_point == begin.base_point
-                and bool(identity) and old.identity == identity
+        """A new stream 0 may take over `old` (lock held): same sender certificate, and no
+        frame on any of its streams for `takeover_quiet` seconds. The cycle may be the same
+        (a seed resumed) or another one (a delta retried under a new id after a cut link):
+        a sender runs one cycle of a disk at a time, so its new CYCLE_BEGIN says it gave
+        the old one up. Another certificate never takes over."""
+        return (not old.finished and bool(identity) and old.identity == identity
                 and time.monotonic() - old.last_activity >= self.takeover_quiet)
 
     def _take_over(self, old: Session, peer: str) -> None:
@@ -322,10 +330,7 @@ class Receiver:
                     "(staged blocks kept)", old.disk.disk_id, old.cycle_id, time.monotonic() - old.last_activity,
                     peer)
         for s in list(old.members.values()):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            hang_up(s)  # their threads read on: TLS must stay in place (see tls.hang_up)
 
     def join_session(self, disk_id: str, begin: CycleBegin, sock: socket.socket) -> Session:
         deadline = time.monotonic() + self.join_timeout
@@ -334,11 +339,14 @@ class Receiver:
                 s = self._sessions.get(disk_id)
                 if s is not None and s.cycle_id == begin.cycle_id and not s.finished:
                     break
-                if s is not None and s.cycle_id != begin.cycle_id:
-                    raise Conflict(f"disk {disk_id}: cycle {s.cycle_id} is in progress, not {begin.cycle_id}")
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if s is not None:
+                        raise Conflict(f"disk {disk_id}: cycle {s.cycle_id} is in progress, not {begin.cycle_id}")
                     raise Conflict(f"disk {disk_id}: no cycle {begin.cycle_id} to join (stream 0 opens it)")
+                # Another cycle's session may be one this sender just gave up (a cut link
+                # whose streams the agent has not yet seen end): its stream 0 waits for it
+                # to end or takes it over, then opens this cycle; wait for that too.
                 self._lock.wait(min(left, 0.5))
             if s.failed:
                 raise SessionFailed(f"cycle {s.cycle_id} already failed: {s.failed}", s.failed_code)
@@ -437,6 +445,11 @@ class _Connection:
                                                        s.failed_code))
                     elif s is not None:
                         error = f"stream {self.stream_index} from {self.peer} closed before the cycle ended"
+                    return
+                except ConnectionLost as exc:
+                    # a cut link: no ERROR to send (nobody reads it), not a protocol fault
+                    if self.session is not None:
+                        error = f"stream {self.stream_index} from {self.peer}: {exc.message}"
                     return
                 if self.session is not None:
                     self.session.last_activity = time.monotonic()

@@ -90,7 +90,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import xxhash
 import zstandard
@@ -123,7 +123,7 @@ from standby.replication.protocol import (
     parse_header,
     read_frame,
 )
-from standby.replication.tls import describe_tls_error
+from standby.replication.tls import describe_tls_error, hang_up
 
 FLUSH_BYTES = 256 * 1024
 DEFAULT_STREAMS = 4
@@ -464,11 +464,9 @@ class Channel:
             pass
 
     def abort(self) -> None:
-        """Close hard, unblocking any thread in sendall/recv."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        """Close hard, unblocking any thread in sendall/recv (another stream's worker:
+        TLS stays in place, so nothing of what it still sends goes out in the clear)."""
+        hang_up(self.sock)
 
 
 # ---------------------------------------------------------------------------- hot loop

@@ -240,6 +240,21 @@ def describe_tls_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def hang_up(sock: socket.socket) -> None:
+    """Shut down the TCP connection under `sock` (both directions), from any thread.
+
+    Never `SSLSocket.shutdown` for this: it drops the TLS layer (`_sslobj = None`) before
+    it shuts the socket, so a thread still reading that connection goes on reading the
+    raw TLS records as if they were plaintext (a frame whose body is ciphertext: a
+    checksum error that looks like corruption), and a thread still writing sends its
+    plaintext unencrypted. Shutting the descriptor alone keeps TLS in place: a reader
+    gets the data already received, then the end of the stream; a writer gets EPIPE."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def peer_name(sock: ssl.SSLSocket) -> str:
     """The CN of the verified peer certificate (for logs)."""
     cert = sock.getpeercert()
