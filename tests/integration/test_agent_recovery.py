@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from replication_helpers import endpoint, make_pki, running_agent  # noqa: E402
 
 from standby.agent.config import replica_vm_name  # noqa: E402
-from standby.agent.recovery import MANIFEST  # noqa: E402
 from standby.agent.tasks import Outcome, TaskEnv, TaskProgress, execute  # noqa: E402
 from standby.drivers.base import NicInfo, VmState  # noqa: E402
 from standby.drivers.libvirt import domains  # noqa: E402

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from standby.testing import guest
-from standby.testing.guest import SLOT, Verdict, make_record, record_sum, verify_image, verify_raw, write_records
+from standby.testing.guest import SLOT, Verdict, make_record, record_sum, verify_image, verify_raw
 
 # ---------------------------------------------------------------------------------------
 # Host-side verifier on images written by the Python writer (byte-identical records)

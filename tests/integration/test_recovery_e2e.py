@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
