@@ -16,6 +16,7 @@ from sqlalchemy import event
 
 from standby.errors import Refused
 from standby.orchestration import agents as agent_svc
+from standby.orchestration.livefabric import live_readiness_for
 from standby.orchestration.scheduler import Scheduler
 from standby.orchestration.settings import ServerSettings
 from standby.store import Store
@@ -365,6 +366,29 @@ def test_heartbeat_lost_is_raised_cleared_and_makes_items_critical(store: Store,
     item = _item(store, fab.item_ids[0])
     assert (item.health, item.health_reason) == ("normal", "protected")
     assert not any(kind == "heartbeat_lost" for kind, _ in _open_alerts(store))
+
+
+def test_a_restarted_control_plane_gives_agents_one_timeout_to_report_in(store: Store, tmp_path: Path) -> None:
+    """The agents' last heartbeats are old because the control plane was down, not the
+    agents: no heartbeat_lost alert, and hosts stay live for readiness and dispatch, until
+    one heartbeat_timeout after the start; an agent silent after that is lost."""
+    fab = _fabric(store, point_at=T0)  # agents last heard from at T0
+    settings = ServerSettings(data_dir=tmp_path, heartbeat_seconds=10, heartbeat_timeout=30,
+                              task_deadline_seconds=600, started_at=at(600))  # down for ten minutes
+    sched = Scheduler(store, settings)
+    r = sched.tick(at(601))
+    assert r.agents_stale == 0 and not any(kind == "heartbeat_lost" for kind, _ in _open_alerts(store))
+    with store.read() as s:
+        report = live_readiness_for(s, settings, now=at(601))
+        assert not [f for f in report.findings if "cannot reach the control plane" in f.message], report.findings
+    _heartbeat(store, "agent-h1", at(605))  # one agent reports in; the other never does
+    assert sched.tick(at(629)).agents_stale == 0
+    r = sched.tick(at(631))
+    assert r.agents_stale == 1 and ("heartbeat_lost", "agent:agent-h9") in _open_alerts(store)
+    with store.read() as s:
+        report = live_readiness_for(s, settings, now=at(631))
+        lost = {f.subject for f in report.findings if "cannot reach the control plane" in f.message}
+    assert lost == {"host/h9"}, lost
 
 
 def test_rpo_breach_and_storage_low_alerts_follow_the_item(store: Store, tmp_path: Path) -> None:

@@ -124,7 +124,10 @@ def test_an_alert_raised_by_the_scheduler_reaches_a_webhook(
     build(store, now=utcnow() - timedelta(hours=2))  # every agent's last heartbeat is 2 h old
     with store.transaction() as s:
         alerts.add_webhook(s, "ops", url, secret="s3cret", kinds=["heartbeat_lost"])
-    with ControlPlaneServices(_settings(tmp_path, store_url, heartbeat_timeout=60), store=store) as services:
+    # a control plane up for an hour (a fresh start would give the agents a heartbeat
+    # timeout to report in before alerting: tests/integration/test_scheduler.py)
+    settings = _settings(tmp_path, store_url, heartbeat_timeout=60, started_at=utcnow() - timedelta(hours=1))
+    with ControlPlaneServices(settings, store=store) as services:
         wait_for(lambda: any(json.loads(b).get("alert", {}).get("subject") == "agent:agent-kvm-a"
                              for _, b in received), "the heartbeat_lost webhook")
         assert services.running

@@ -287,6 +287,42 @@ def test_connection_refused_is_an_outage(tmp_path: Path) -> None:
     cp.close()
 
 
+def test_after_an_outage_the_heartbeat_probes_and_wakes_the_other_loops(
+        tmp_path: Path, api: _Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """During an outage the heartbeat retries at its own interval whatever the backoff, and
+    its first answer wakes the claim loop at once: a restarted control plane hears from
+    every agent within one heartbeat interval (the grace it gives them, issue 16)."""
+    from standby.agent.runtime import AgentRuntime
+
+    monkeypatch.setattr(AgentRuntime, "_backoff", staticmethod(lambda delay: 3600.0))  # loops would sleep an hour
+    cfg = _cfg(tmp_path)
+    cp = ControlPlane(cfg, client_factory=lambda: ApiClient(api.url, timeout=5))
+    rt = AgentRuntime(cfg, control_plane=cp)  # not started: the three loops run by hand below
+    rt.heartbeat_seconds = 0.2
+    api.status = 503
+    loops = [threading.Thread(target=f, daemon=True)
+             for f in (rt._heartbeat_loop, rt._task_loop, rt._control_plane_watch)]  # noqa: SLF001
+    for t in loops:
+        t.start()
+
+    def posts(path: str) -> int:
+        return sum(1 for _, p, _ in api.got if p.endswith(path))
+
+    deadline = time.monotonic() + 30
+    while (posts("/heartbeat") < 3 or posts("/claim") < 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert posts("/heartbeat") >= 3 and posts("/claim") == 1  # the claim loop now sleeps its backoff
+    api.status = 200
+    deadline = time.monotonic() + 30
+    while posts("/claim") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rt.stop()
+    for t in loops:
+        t.join(10)
+    assert posts("/claim") >= 2, api.got  # woken by the heartbeat's answer, not an hour later
+    cp.close()
+
+
 # ---------------------------------------------------------------------------- a task's reports
 
 

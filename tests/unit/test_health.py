@@ -179,3 +179,22 @@ def test_health_is_the_worst_finding_of_all_combinations(
     assert [ranks[f.health] for f in found] == sorted((ranks[f.health] for f in found), reverse=True)
     # never better than the state itself
     assert ranks[h] >= ranks[lifecycle.health(state)]
+
+
+def test_heard_from_and_the_grace_after_a_control_plane_start() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from standby.domain.health import heard_from
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    minute = timedelta(seconds=60)
+    assert heard_from(t0, t0 + minute, minute)
+    assert not heard_from(t0, t0 + minute + timedelta(seconds=1), minute)
+    assert not heard_from(None, t0, minute)
+    # a control plane that started 10 s ago has not had the chance to hear anyone
+    started = t0 + timedelta(hours=1)
+    assert heard_from(t0, started + timedelta(seconds=10), minute, started)
+    assert heard_from(None, started + timedelta(seconds=10), minute, started)
+    assert not heard_from(t0, started + minute, minute, started)  # the grace is one timeout
+    # a clock before the start (replayed times) gets no grace
+    assert not heard_from(t0, started - timedelta(seconds=1), minute, started)

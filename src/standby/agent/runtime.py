@@ -17,7 +17,9 @@ Threads:
 
 The control plane may go away (restart, network): a connection failure or a 5xx answer
 is logged once per outage ("unreachable", then "reachable again after N s") and every
-loop retries with a backoff of 1, 2, 4 ... 30 s. Replication (the receiver, running
+loop retries with a backoff of 1, 2, 4 ... 30 s, except the heartbeat, which keeps to
+its own interval (it is the probe). The first loop to get an answer again wakes the
+others, so a restarted control plane hears every agent's heartbeat at once. Replication (the receiver, running
 cycles) goes on meanwhile; a result that could not be posted is kept and posted when the
 control plane is back.
 
@@ -111,6 +113,7 @@ class ControlPlane:
         self._clients: list[Any] = []
         self.down_since: float | None = None
         self.outages = 0
+        self.back = threading.Event()  # set when an outage ends (the agent's loops wake at once)
 
     def _client(self) -> Any:
         from standby.client import ApiClient
@@ -152,6 +155,7 @@ class ControlPlane:
             since, self.down_since = self.down_since, None
         if since is not None:
             log.info("control plane reachable again after %.0f s", time.monotonic() - since)
+            self.back.set()
 
     def close(self) -> None:
         with self._lock:
@@ -197,6 +201,8 @@ class AgentRuntime:
         self._closed = False  # stop() closed the control-plane clients
         self._stop = threading.Event()
         self._inventory_now = threading.Event()
+        self._heartbeat_now = threading.Event()
+        self._claim_now = threading.Event()
         self._queue: queue.Queue[RunningTask | None] = queue.Queue()
         self._lock = threading.Lock()
         self._tasks: dict[int, RunningTask] = {}  # claimed here, result not yet accepted
@@ -267,7 +273,7 @@ class AgentRuntime:
 
         self.env = TaskEnv(self.store, cfg.state_dir, self.driver, ctx, cfg.owns)
         for name, target in (("agent-heartbeat", self._heartbeat_loop), ("agent-inventory", self._inventory_loop),
-                             ("agent-tasks", self._task_loop)):
+                             ("agent-tasks", self._task_loop), ("agent-cp-watch", self._control_plane_watch)):
             t = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(t)
         for i in range(self.workers):
@@ -305,7 +311,8 @@ class AgentRuntime:
     def stop(self) -> None:
         log.info("agent %s stopping", self.cfg.name)
         self._stop.set()
-        self._inventory_now.set()
+        for event in (self._inventory_now, self._heartbeat_now, self._claim_now):
+            event.set()
         if self.receiver is not None:
             self.receiver.stop()
         for t in self._threads:
@@ -345,9 +352,23 @@ class AgentRuntime:
 
     # ------------------------------------------------------------------ loops
 
-    def _wait(self, seconds: float) -> bool:
-        """Sleep unless stopping; True when stopping."""
-        return self._stop.wait(seconds)
+    def _wait_or_back(self, seconds: float, woken: threading.Event) -> bool:
+        """Sleep `seconds`, or until the control plane is back from an outage (`woken`
+        is this loop's copy of that news); True when stopping."""
+        woken.wait(seconds)
+        woken.clear()
+        return self._stop.is_set()
+
+    def _control_plane_watch(self) -> None:
+        """When an outage ends (whichever loop saw it first), wake the heartbeat, claim
+        and inventory loops at once: a restarted control plane hears from every agent
+        within a second, not after each loop's backoff."""
+        while not self._stop.is_set():
+            if not self.cp.back.wait(0.5):
+                continue
+            self.cp.back.clear()
+            for event in (self._heartbeat_now, self._claim_now, self._inventory_now):
+                event.set()
 
     def _refused(self, what: str, message: str | None) -> None:
         """Log a refusal (revoked agent, libvirt down, a report the control plane rejects)
@@ -403,14 +424,18 @@ class AgentRuntime:
                 delay = 0.0
                 wait = self.heartbeat_seconds
             except ControlPlaneDown:
-                delay = wait = self._backoff(delay)
+                # the heartbeat is the agent's probe of the control plane: during an outage
+                # it goes on at its own interval (no more often), so the agent is heard
+                # from within one interval of the control plane's return
+                delay = self._backoff(delay)
+                wait = min(delay, self.heartbeat_seconds)
             except StandbyError as exc:
                 self._refused("heartbeat", exc.message)
                 delay = wait = self._backoff(delay)
             except Exception:  # noqa: BLE001 - a bug must not stop the heartbeats
                 log.exception("heartbeat failed")
                 delay = wait = self._backoff(delay)
-            if self._wait(wait):
+            if self._wait_or_back(wait, self._heartbeat_now):
                 return
 
     def sync_inventory(self) -> dict[str, Any]:
@@ -483,7 +508,7 @@ class AgentRuntime:
             except Exception:  # noqa: BLE001
                 log.exception("claiming tasks failed")
                 delay = wait = self._backoff(delay)
-            if self._wait(wait):
+            if self._wait_or_back(wait, self._claim_now):
                 return
 
     def _post_pending_results(self) -> None:

@@ -6,12 +6,13 @@ so a route returns plain response models, never ORM objects.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
 
 from standby.api import schemas
+from standby.orchestration import agents as agents_svc
 from standby.orchestration.settings import ServerSettings
 from standby.store.db import Store
 from standby.store.models import (
@@ -65,9 +66,7 @@ def settings(request: Request) -> ServerSettings:
 
 
 def heartbeat_ok(agent: Agent, settings: ServerSettings, now: datetime) -> bool:
-    if agent.state != "active" or agent.last_heartbeat_at is None:
-        return False
-    return now - agent.last_heartbeat_at <= timedelta(seconds=settings.heartbeat_timeout)
+    return agents_svc.alive(agent, settings, now)
 
 
 def agent_out(agent: Agent, settings: ServerSettings, now: datetime) -> schemas.AgentOut:

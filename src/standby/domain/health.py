@@ -26,6 +26,7 @@ disabled one none).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from standby.domain.lifecycle import Health, Site, State, replicates_to, runs_on
 from standby.domain.lifecycle import health as state_health
@@ -151,3 +152,16 @@ def item_health(
 
 def _secs(seconds: float) -> str:
     return f"{seconds:.0f} s"
+
+
+def heard_from(seen: datetime | None, now: datetime, timeout: timedelta,
+               listening_since: datetime | None = None) -> bool:
+    """Whether an agent counts as alive: heard from (a heartbeat, or its registration)
+    within `timeout`, or the control plane itself has been listening for less than
+    `timeout`. While a control plane is down no agent can reach it, so the silence from
+    before its start says nothing about the agents: a restart must not make every host
+    look unreachable (readiness refusing protection, a heartbeat_lost alert per agent)
+    before each has had a heartbeat interval to report in."""
+    if listening_since is not None and timedelta(0) <= now - listening_since < timeout:
+        return True
+    return seen is not None and now - seen <= timeout

@@ -8,12 +8,13 @@ it from there and never let a report overwrite it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from standby.domain.health import heard_from
 from standby.errors import BadInput, Refused
 from standby.store.models import Agent, Host, Vm, cloud_hosts
 from standby.store.repo import alerts, inventory
@@ -25,8 +26,20 @@ HEARTBEAT_LOST = "heartbeat_lost"
 REGISTRATION_FACTS = ("site", "server", "cloud", "host_group")
 
 
+if TYPE_CHECKING:
+    from standby.orchestration.settings import ServerSettings
+
+
 def agent_subject(name: str) -> str:
     return f"agent:{name}"
+
+
+def alive(agent: Agent, settings: ServerSettings, now: datetime) -> bool:
+    """An active agent heard from recently (`domain.health.heard_from`, with the grace a
+    control plane gives agents after its own start)."""
+    return agent.state == "active" and heard_from(
+        agent.last_heartbeat_at or agent.registered_at, now, timedelta(seconds=settings.heartbeat_timeout),
+        settings.started_at)
 
 
 def heartbeat(

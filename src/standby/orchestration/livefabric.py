@@ -42,6 +42,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from standby.domain import fabric as fm
+from standby.domain.health import heard_from
 from standby.readiness import engine
 from standby.readiness.common import cloud_subject, host_subject, server_subject, vm_subject
 from standby.readiness.engine import Finding, Severity
@@ -147,6 +148,7 @@ def build_live_fabric(
     heartbeat_timeout: timedelta = DEFAULT_HEARTBEAT_TIMEOUT,
     endpoint: str = DEFAULT_ENDPOINT,
     now: datetime | None = None,
+    listening_since: datetime | None = None,
 ) -> LiveFabric:
     """The store's inventory as a Fabric (with `vm`, that VM is the only one in it)."""
     now = now_or(now)
@@ -174,8 +176,7 @@ def build_live_fabric(
     live_hosts: set[str] = set()
     addressed_hosts: set[str] = set()
     for agent in session.scalars(select(Agent).where(Agent.state == "active", Agent.kind == "agent")):
-        beat = agent.last_heartbeat_at or agent.registered_at
-        if beat is not None and now - beat <= heartbeat_timeout:
+        if heard_from(agent.last_heartbeat_at or agent.registered_at, now, heartbeat_timeout, listening_since):
             live_hosts.add(agent.host_name)
             if agent.address:
                 addressed_hosts.add(agent.host_name)
@@ -359,12 +360,14 @@ def live_readiness(
     heartbeat_timeout: timedelta = DEFAULT_HEARTBEAT_TIMEOUT,
     endpoint: str = DEFAULT_ENDPOINT,
     now: datetime | None = None,
+    listening_since: datetime | None = None,
 ) -> ReadinessReport:
     """Readiness of the live fabric; with `vm` (a row or its id), of protecting that VM."""
     vm_row = session.get(Vm, vm) if isinstance(vm, int) else vm
     if isinstance(vm, int) and vm_row is None:
         raise NotFound(f"VM {vm} does not exist")
-    lf = build_live_fabric(session, vm=vm_row, heartbeat_timeout=heartbeat_timeout, endpoint=endpoint, now=now)
+    lf = build_live_fabric(session, vm=vm_row, heartbeat_timeout=heartbeat_timeout, endpoint=endpoint, now=now,
+                           listening_since=listening_since)
     report = engine.check(lf.fabric)
     findings: Iterable[Finding] = [*report.findings, *lf.findings]
     if vm_row is not None:
@@ -379,7 +382,7 @@ def live_readiness_for(session: Session, settings: ServerSettings, *, vm: Vm | i
     """`live_readiness` with a running control plane's settings (heartbeat timeout, the
     listener as the control plane's endpoint): what `GET /readiness` and protection use."""
     return live_readiness(session, vm=vm, heartbeat_timeout=timedelta(seconds=settings.heartbeat_timeout),
-                          endpoint=f"https://{settings.listen}", now=now)
+                          endpoint=f"https://{settings.listen}", now=now, listening_since=settings.started_at)
 
 
 def findings_as_dicts(report: ReadinessReport) -> list[dict[str, str]]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from standby.domain import lifecycle
 from standby.domain.lifecycle import Event, ItemContext, State
 from standby.errors import BadInput, NotFound, Refused, RemoteError
+from standby.orchestration import agents as agent_svc
 from standby.orchestration.livefabric import live_readiness_for
 from standby.orchestration.replicate import disk_id_for
 from standby.orchestration.runner import JobHandler, JobRunner, Step, StepContext
@@ -152,17 +153,12 @@ def refuse_unless_ready(report: Report, vm: str) -> None:
     )
 
 
-def _fresh(agent: Agent, now: datetime, settings: ServerSettings) -> bool:
-    seen = agent.last_heartbeat_at or agent.registered_at
-    return seen is not None and now - seen <= timedelta(seconds=settings.heartbeat_timeout)
-
-
 def _live_agent(session: Session, host: str, settings: ServerSettings, now: datetime) -> Agent | None:
     try:
         agent = agents.agent_for_host(session, host)
     except NotFound:
         return None
-    return agent if _fresh(agent, now, settings) else None
+    return agent if agent_svc.alive(agent, settings, now) else None
 
 
 def place_replica(session: Session, settings: ServerSettings, pairing: CloudPairing, *,

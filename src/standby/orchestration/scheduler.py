@@ -260,6 +260,7 @@ class Scheduler:
             stale = {
                 agent_svc.agent_subject(a.name): (a.id, a.name, a.host_name, a.last_heartbeat_at)
                 for a in agents_repo.stale_agents(s, timeout=timeout, now=now)
+                if not agent_svc.alive(a, self.settings, now)  # the grace after this control plane's start
             }
             open_subjects = set(
                 s.scalars(
@@ -350,12 +351,11 @@ class Scheduler:
     def _agents_by_host(self, s: Session, now: datetime) -> dict[str, _AgentView]:
         """The dispatching agent of each host (`agents.agent_for_host`: the newest active
         registration), with whether its heartbeat is current."""
-        cutoff = now - timedelta(seconds=self.settings.heartbeat_timeout)
         out: dict[str, _AgentView] = {}
         q = select(Agent).where(Agent.kind == "agent", Agent.state == "active").order_by(Agent.registered_at)
         for a in s.scalars(q):  # newest last: it wins
-            seen = a.last_heartbeat_at or a.registered_at
-            out[a.host_name] = _AgentView(a.id, a.name, a.address, seen >= cutoff, agent_svc.storage_free_fraction(a))
+            out[a.host_name] = _AgentView(a.id, a.name, a.address, agent_svc.alive(a, self.settings, now),
+                                          agent_svc.storage_free_fraction(a))
         return out
 
     def _cycle_task(

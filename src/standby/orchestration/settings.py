@@ -6,6 +6,7 @@ Defaults are what an operator gets from `standby server run`; tests shorten the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from standby.errors import BadInput
@@ -25,6 +26,9 @@ class ServerSettings:
     webhook_timeout: float = 5.0
     storage_low_fraction: float = 0.10  # secondary storage below this fraction free: storage_low
     sans: tuple[str, ...] = field(default_factory=tuple)
+    # When this control plane started: agents get one heartbeat_timeout from then to
+    # report in before their silence counts (domain.health.heard_from).
+    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc), compare=False)
 
     def __post_init__(self) -> None:
         if self.heartbeat_seconds is None:
