@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -388,6 +389,10 @@ def test_crash_inside_commit_rolls_forward_on_open(tmp_path: Path, monkeypatch, 
 
 
 def _sigkill_runs(tmp_path: Path, runs: int, seed: int) -> None:
+    """`runs` worker processes, each SIGKILLed: one in three at a random moment, the others
+    by the worker itself at a chosen durable step inside a commit or a prune (see
+    store_crash_worker.py). After each: nothing acknowledged is lost, at most the cycle in
+    flight is added, every point verifies, and the next run goes on from there."""
     sys.path.insert(0, str(WORKER.parent))
     from store_crash_worker import model_after
 
@@ -396,18 +401,33 @@ def _sigkill_runs(tmp_path: Path, runs: int, seed: int) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2] / "src"),
                                                         os.environ.get("PYTHONPATH", "")]))
     committed = 0
-    kills_mid_cycle = 0
+    landed: Counter[str] = Counter()
     for run in range(runs):
-        proc = subprocess.Popen([sys.executable, str(WORKER), str(root), str(seed), str(committed + 1), "40"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        target = ("time", "commit", "prune")[run % 3]
+        args = [sys.executable, str(WORKER), str(root), str(seed), str(committed + 1), "0"]
+        if target != "time":
+            args += [target, str(rng.randint(1, 12))]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         assert proc.stdout is not None
         first = proc.stdout.readline()  # the store is open (however slow the interpreter start)
-        time.sleep(rng.uniform(0.05, 0.3))  # then cycles of ~10-30 ms
-        proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate()
+        if target == "time":
+            time.sleep(rng.uniform(0.05, 0.3))  # then cycles of ~10-30 ms
+            proc.send_signal(signal.SIGKILL)
+        try:
+            out, err = proc.communicate(timeout=120)  # a targeted worker kills itself
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"run {run}: the worker did not die in its {target}") from None
         assert proc.returncode == -signal.SIGKILL, err
         assert first == "ready\n", err
-        reported = [int(line.split()[1]) for line in out.splitlines() if line.startswith("committed")]
+        markers = out.splitlines()
+        phase = markers[-1].split()[0] if markers else "ready"
+        if target != "time":
+            assert phase == "dying" and markers[-1].split()[1] == target, markers[-3:]
+            phase = f"inside {target}"
+        landed[phase] += 1
+        reported = [int(line.split()[1]) for line in markers if line.startswith("committed")]
         disk = ReplicaStore(root).disk("vm")
         latest = disk.latest()
         if latest is None:
@@ -416,8 +436,6 @@ def _sigkill_runs(tmp_path: Path, runs: int, seed: int) -> None:
         c = int(latest.meta["c"])
         assert c >= (reported[-1] if reported else committed)  # nothing acknowledged is lost
         assert c <= (reported[-1] if reported else committed) + 1  # at most the one in flight
-        if not reported or c != reported[-1]:
-            kills_mid_cycle += 1
         m = model_after(seed, c)
         assert bytes.fromhex(latest.digest) == m.digest()
         assert disk.block_hashes().disk_digest() == m.digest()
@@ -430,6 +448,8 @@ def _sigkill_runs(tmp_path: Path, runs: int, seed: int) -> None:
         committed = c
         del disk
     assert committed > runs  # progress across kills: never a full restart
+    # the kills the test exists for happened: inside commits and inside prunes
+    assert landed["inside commit"] >= runs // 3 and landed["inside prune"] >= runs // 3 - 1, landed
 
 
 def test_sigkill_at_random_moments(tmp_path: Path) -> None:
@@ -591,14 +611,18 @@ def test_verify_detects_a_corrupted_layer(tmp_path: Path) -> None:
     _store, disk, _snaps, _model = make_points(tmp_path, 2)
     p = disk.points()[0]
     with Qcow2Reader_(p.layer) as r:
-        off = next(e for e in r.entries().values() if not e & 1) & 0x00FFFFFFFFFFFE00
+        guest, entry = next((g, e) for g, e in r.entries().items() if not e & 1)  # a data cluster
+        off = entry & 0x00FFFFFFFFFFFE00
     with open(p.layer, "r+b") as f:
         f.seek(off + 7)
         f.write(b"\x00\x01\x02")
     v = disk.verify(p.id)
     assert not v.ok and v.actual_digest != v.expected_digest
+    # the latest point reads that cluster through the chain unless its own layer rewrote it
+    with Qcow2Reader_(disk.latest().layer) as r:
+        rewritten = guest in r.entries()
     v2 = disk.verify(disk.latest().id)
-    assert not v2.ok or v2.ok  # the latest may or may not read that block; it must not crash
+    assert v2.ok == rewritten, (v2, rewritten)
 
 
 def Qcow2Reader_(path: Path):  # type: ignore[no-untyped-def]
@@ -608,8 +632,17 @@ def Qcow2Reader_(path: Path):  # type: ignore[no-untyped-def]
 
 # -- performance --------------------------------------------------------------------------
 
-def test_one_percent_delta_on_1gib_commits_in_tens_of_ms(tmp_path: Path, capsys) -> None:
-    """163 random 64 KiB blocks of a 1 GiB disk: no full read, no qemu-img on the commit path."""
+def _bytes_read_by_this_process() -> int:
+    """What this process read through read(2) and friends (page cache hits included)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_one_percent_delta_on_1gib_commits_without_reading_the_disk(tmp_path: Path, capsys,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """163 random 64 KiB blocks of a 1 GiB disk: no full read, no qemu-img on the commit path.
+    (How long it takes is bench/replication.py's business; here the commit is timed only
+    to print it.)"""
     from standby.replication.digest import block_digest
 
     size = 1 << 30
@@ -628,14 +661,22 @@ def test_one_percent_delta_on_1gib_commits_in_tens_of_ms(tmp_path: Path, capsys)
         w = disk.begin_cycle(f"d{c}", p.id)
         for i, b in blocks:
             w.write(i * BLOCK_SIZE, b)
-        t0 = time.perf_counter()
-        p = w.commit(table.disk_digest(), "crash", float(c), {})
-        times.append(time.perf_counter() - t0)
+        with monkeypatch.context() as m:  # no process (qemu-img) on the commit path
+            m.setattr(subprocess, "Popen", _no_process)
+            read_before = _bytes_read_by_this_process()
+            t0 = time.perf_counter()
+            p = w.commit(table.disk_digest(), "crash", float(c), {})
+            times.append(time.perf_counter() - t0)
+            read = _bytes_read_by_this_process() - read_before
+        assert read < 16 * 1024 * 1024, f"commit {c} read {read} bytes of a 1 GiB disk"
     median = sorted(times)[len(times) // 2]
     with capsys.disabled():
         print(f"\n1% delta of 1 GiB ({n // 100} blocks): commit median {median * 1000:.1f} ms")
-    assert median < 0.5
     assert disk.verify(p.id).ok
+
+
+def _no_process(*args: object, **kwargs: object) -> None:
+    raise AssertionError(f"a process was started on the commit path: {args[:1]}")
 
 
 # -- full disk ----------------------------------------------------------------------------
