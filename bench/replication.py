@@ -74,7 +74,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from standby.replication import tls  # noqa: E402
 from standby.replication.changes import ExtentSource, FullSource, HashScanSource  # noqa: E402
-from standby.replication.digest import BLOCK_SIZE  # noqa: E402
+from standby.replication.digest import BLOCK_SIZE, hash_file  # noqa: E402
 from standby.replication.sender import AgentLink, SenderOptions, run_cycle  # noqa: E402
 
 MiB = 1024 * 1024
@@ -461,7 +461,8 @@ class Bench:
             res3 = run_cycle(ExtentSource(img, extents), ep, ctx, "oneshot", self.opts(state))
             oneshots.append(time.perf_counter() - t0)
             if not res.digest == res2.digest == res3.digest:
-                log(f"WARNING: digests differ: delta {res.digest}, resync {res2.digest}, one-shot {res3.digest}")
+                raise WrongCopy(f"run {r + 1}: the replicas' digests differ: delta {res.digest}, resync "
+                                f"{res2.digest}, one-shot {res3.digest}")
             t0 = time.perf_counter()
             p = subprocess.run(["rsync", "--inplace", "--no-whole-file", "-t", "--stats", str(img), str(copy)],
                                capture_output=True, text=True)
@@ -469,15 +470,20 @@ class Bench:
             literal = _rsync_stat(p.stdout, "Literal data")
             extra["rsync_literal_bytes"].append(literal)
             if p.returncode != 0 or literal == 0:
-                log(f"WARNING: rsync rc={p.returncode}, literal data {literal}: {p.stderr.strip()}")
+                raise WrongCopy(f"run {r + 1}: rsync did not sync the change (exit {p.returncode}, literal data "
+                                f"{literal}): {p.stderr.strip()}")
             log(f"run {r + 1}/{self.runs}: {len(changed)} blocks changed; delta {deltas[-1] * 1e3:.1f} ms "
                 f"(one-shot {oneshots[-1] * 1e3:.1f} ms) "
                 f"({res.data_blocks} data + {res.zero_blocks} zero), resync {scans[-1] * 1e3:.1f} ms "
                 f"({res2.data_blocks} data + {res2.zero_blocks} zero), rsync {rsyncs[-1] * 1e3:.0f} ms "
                 f"({literal} literal bytes)")
-        # the copy must equal the image: rsync really synced every change
+        # both peers made a true copy, or no figure is reported: rsync's copy equals the
+        # image, and so does Standby's replica (its digest, which the agent checked on commit)
         if _file_digest(img) != _file_digest(copy):
-            log("WARNING: the rsync copy differs from the image")
+            raise WrongCopy("the rsync copy differs from the image")
+        source = hash_file(img).disk_digest().hex()
+        if res.digest != source:
+            raise WrongCopy(f"the replica's latest point has digest {res.digest}, the image {source}")
         for link in links.values():
             link.close()
         self.procs.stop(agent)
@@ -501,6 +507,7 @@ class Bench:
         img = w / "seed.img"
         log(f"making a {self.seed_size // MiB} MiB image")
         counts = self.data.make_image(img, self.seed_size)
+        want = hash_file(img).disk_digest().hex()
         agent, port = start_agent(self.procs, w, "store-seed", pki)
         ep = f"127.0.0.1:{port}"
         ctx = tls.client_context(pki.sender)
@@ -517,6 +524,8 @@ class Bench:
             t0 = time.perf_counter()
             res = run_cycle(FullSource(img), ep, ctx, f"seed{r}", self.opts(w / "state-seed"))
             seeds.append(self.seed_size / (time.perf_counter() - t0))
+            if res.digest != want:
+                raise WrongCopy(f"seed run {r + 1}: the replica has digest {res.digest}, the image {want}")
             wire.append(res.wire_bytes)
             log(f"run {r + 1}/{self.slow_runs}: disk read {disk[-1] / MB:.0f} MB/s (with the replica's writes "
                 f"{mixed[-1] / MB:.0f} MB/s), loopback TLS "
@@ -555,6 +564,7 @@ class Bench:
         img = w / "wan.img"
         log(f"making a {self.wan_size // MiB} MiB image")
         self.data.make_image(img, self.wan_size)
+        want = hash_file(img).disk_digest().hex()
         with netns.TwoSites(rate_mbit=WAN_RATE_MBIT, prefix="sbb") as sites:
             b = sites.command("b", [])
             agent, aport = start_agent(self.procs, w, "store-wan", pki, prefix=b)
@@ -587,6 +597,8 @@ class Bench:
                 if p.returncode:
                     raise RuntimeError(f"WAN replication failed: {p.stderr[-2000:]}")
                 res = json.loads(p.stdout)
+                if res.get("digest") != want:
+                    raise WrongCopy(f"WAN run {r + 1}: the replica has digest {res.get('digest')}, the image {want}")
                 secs.append(res["seconds"])
                 wires.append(res["wire_bytes"] / res["seconds"])
                 effs.append(self.wan_size / res["seconds"])
@@ -713,6 +725,10 @@ def _fmt(o: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class WrongCopy(RuntimeError):
+    """A peer's copy is not the source: its speed means nothing."""
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("_sink", "_client"):
         ap = argparse.ArgumentParser()
@@ -745,6 +761,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         out = bench.run()
+    except WrongCopy as exc:
+        print(f"bench/replication.py: no figures: {exc}", file=sys.stderr)
+        sys.exit(1)
     finally:
         bench.cleanup()
     if args.json:

@@ -37,8 +37,18 @@ want="$(sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [[ ! -x .venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   echo "bootstrap: preparing .venv"
   [[ -x .venv/bin/python ]] || "$PY" -m venv --system-site-packages .venv
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "is ignored" || true
+  # pip's own exit status decides (a failed install stops here); its output is shown
+  # without the "... is ignored" notes about the system site-packages
+  pip_install() {
+    local log rc=0
+    log="$(mktemp)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
+    grep -v "is ignored" "$log" >&2 || true
+    rm -f "$log"
+    return "$rc"
+  }
+  pip_install -r requirements.lock
+  pip_install --no-deps -e .
   .venv/bin/python -c "import standby, typer, pydantic, zstandard, xxhash, cryptography" 
   echo "$want" > "$stamp"
 fi

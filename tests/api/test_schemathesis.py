@@ -42,6 +42,7 @@ def test_no_generated_request_gets_a_server_error(cp: ControlPlane, tmp_path: Pa
     statuses: Counter[int] = Counter()
     for operation in operations:
         for mode, examples in EXAMPLES.items():
+            calls = [0]
 
             @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                       phases=[Phase.explicit, Phase.generate],
@@ -50,14 +51,27 @@ def test_no_generated_request_gets_a_server_error(cp: ControlPlane, tmp_path: Pa
             def run(case: schemathesis.Case) -> None:
                 response = case.call_and_validate(session=session, checks=[not_a_server_error], **tls)
                 statuses[response.status_code // 100 * 100] += 1
+                calls[0] += 1
 
             try:
                 run()
             except Unsatisfiable:
-                pass  # no invalid request exists for an operation without parameters (GET /health)
+                # only an operation that takes nothing has no invalid request (GET /health)
+                if mode is GenerationMode.POSITIVE or _takes_input(operation):
+                    failures.append(f"{operation.label} ({mode.value}): no request could be generated")
+                continue
             except Exception as e:  # collect every operation's failure, then report them all
                 failures.append(f"{operation.label} ({mode.value}): {e}")
+                continue
+            if mode is GenerationMode.POSITIVE and not calls[0]:
+                failures.append(f"{operation.label}: no valid request was sent")
     session.close()
     assert not failures, "\n\n".join(failures)
     # The run was not vacuous: the credentials worked, and valid requests were served.
     assert statuses[200] > 100, statuses
+
+
+def _takes_input(operation: object) -> bool:
+    """Whether an operation has parameters or a request body to make invalid."""
+    return any(True for _ in operation.iter_parameters()) or bool(  # type: ignore[attr-defined]
+        operation.get_request_payload_content_types())  # type: ignore[attr-defined]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from replication_helpers import endpoint, make_pki, running_agent  # noqa: E402
+from replication_helpers import CuttingProxy, make_pki, running_agent  # noqa: E402
 
 from standby.domain.bandwidth import Schedule  # noqa: E402
 from standby.errors import IntegrityError, OutOfSpace  # noqa: E402
@@ -48,10 +47,13 @@ def test_agent_error_mid_stream_stops_the_sender_with_its_cause(tmp_path: Path, 
 
     monkeypatch.setattr(CycleWriter, "write", write)
     with running_agent(tmp_path / "store", pki["agent"]) as rx:
-        t0 = time.monotonic()
-        with pytest.raises(expected) as info:
-            run_cycle(FullSource(img), endpoint(rx), tls.client_context(pki["sender"]), "e",
-                      SenderOptions(streams=streams, schedule=Schedule.parse("00:00-24:00=8MiB/s")))
-        elapsed = time.monotonic() - t0
+        proxy = CuttingProxy(("127.0.0.1", rx.address[1]), budget=1 << 40)  # counts, never cuts
+        try:
+            with pytest.raises(expected) as info:
+                run_cycle(FullSource(img), f"127.0.0.1:{proxy.address[1]}", tls.client_context(pki["sender"]), "e",
+                          SenderOptions(streams=streams, schedule=Schedule.parse("00:00-24:00=8MiB/s")))
+        finally:
+            proxy.close()
     assert "connection lost" not in str(info.value), info.value
-    assert elapsed < 1.5, elapsed
+    # it stopped mid-image: the agent's linger would have taken all 32 MiB (4 s of it)
+    assert proxy.forwarded < 12 * MiB, f"the sender sent {proxy.forwarded} bytes after the agent's ERROR"

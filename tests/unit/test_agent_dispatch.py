@@ -355,7 +355,10 @@ def test_progress_is_posted_at_most_once_a_second_then_the_result(
     progress = [p for p in posts if p[1].endswith("/tasks/5/progress")]
     assert progress[0][2] == {"progress": 0, "message": "started", "bytes_done": 0}
     gaps = [b[0] - a[0] for a, b in zip(progress, progress[1:], strict=False)]
-    assert 2 <= len(progress) <= 4 and all(g >= 0.95 for g in gaps), posts
+    # at most one post a second (the rule), and more than the first (the task took 2.5 s or
+    # longer): how many exactly depends on how long it took on this machine
+    ran = posts[-1][0]
+    assert all(g >= 0.95 for g in gaps) and 2 <= len(progress) <= ran / 0.95 + 1, posts
     done = [p[2]["bytes_done"] for p in progress]
     assert done == sorted(done) and done[-1] > 0
     assert posts[-1][1].endswith("/tasks/5/result") and posts[-1][2] == {"ok": True, "result": outcome.result}
