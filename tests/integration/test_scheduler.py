@@ -150,6 +150,8 @@ def test_a_due_item_gets_one_cycle_task_and_its_result_schedules_the_next(store:
         assert task.params == {
             "item_id": fab.item_ids[0], "vm": "vm0000", "peer": {"name": "agent-h9", "address": "10.0.0.9:7443"},
             "consistency": "crash", "compress": True, "force_hash_scan": False, "timeout_seconds": 60,
+            "recovery": {"network_map": {}, "policy": {"name": "p", "copy_frequency_seconds": 300,
+                                                       "retention_hours": 0, "app_consistent_interval_hours": 0}},
         }
         assert task.deadline_at == at(601)
     assert _item(store, fab.item_ids[0]).next_cycle_at is None
@@ -366,6 +368,24 @@ def test_heartbeat_lost_is_raised_cleared_and_makes_items_critical(store: Store,
     item = _item(store, fab.item_ids[0])
     assert (item.health, item.health_reason) == ("normal", "protected")
     assert not any(kind == "heartbeat_lost" for kind, _ in _open_alerts(store))
+
+
+def test_a_cycle_task_carries_the_network_mapping_its_points_record(store: Store, tmp_path: Path) -> None:
+    """The VM manifest of every point (domain/vm_point.py) holds the network mapping in
+    force: the scheduler hands it over with the cycle, for the VM's own networks only."""
+    fab = _fabric(store, state="protected")
+    with store.transaction() as s:
+        for name, site in (("prod", None), ("backup", None), ("dr-prod", None), ("other", None)):
+            inventory.ensure_network(s, name, site=site)
+        policies.map_network(s, "prod", "dr-prod")
+        item = s.get(ProtectedItem, fab.item_ids[0])
+        item.vm.nics = [{"mac": "52:54:00:00:00:01", "network": "prod"},
+                        {"mac": "52:54:00:00:00:02", "network": "backup"}, {"mac": "52:54:00:00:00:03"}]
+        items.schedule(s, fab.item_ids[0], at(0))
+    Scheduler(store, _settings(tmp_path)).tick(at(1))
+    with store.read() as s:
+        (task,) = tasks.list_tasks(s)
+        assert task.params["recovery"]["network_map"] == {"backup": None, "prod": "dr-prod"}
 
 
 def test_a_restarted_control_plane_gives_agents_one_timeout_to_report_in(store: Store, tmp_path: Path) -> None:

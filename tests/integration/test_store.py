@@ -749,3 +749,54 @@ def test_full_disk_raises_out_of_space_and_keeps_the_point(tmp_path: Path, small
     run_cycle(disk, model, {1: b"q" * BLOCK_SIZE}, "after")
     assert disk.verify(disk.latest().id).ok
     assert disk.latest().seq > first.seq
+
+
+# -- meta seal and the format-1 migration --------------------------------------------------
+
+def _as_format_1(root: Path) -> None:
+    """Rewrite a store as format 1 wrote it: no meta_digest in the records, format 1."""
+    for disk_dir in (root / "disks").iterdir():
+        for rec in (disk_dir / "points").glob("*.json"):
+            d = json.loads(rec.read_text())
+            d.pop("meta_digest")
+            d["format"] = 1
+            rec.write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
+        info = json.loads((disk_dir / "disk.json").read_text())
+        info["format"] = "standby-replica/1"
+        (disk_dir / "disk.json").write_text(json.dumps(info))
+
+
+def test_a_format_1_store_is_migrated_on_open_and_keeps_working(tmp_path: Path) -> None:
+    from standby.replication.store import FORMAT, meta_digest
+
+    _store, disk, snaps, model = make_points(tmp_path, 4)
+    ids = [p.id for p in disk.points()]
+    del disk, _store
+    _as_format_1(tmp_path / "root")
+    # interrupted migration: one record already sealed, disk.json still format 1
+    first = tmp_path / "root/disks/vm/points" / f"{ids[0]}.json"
+    d = json.loads(first.read_text())
+    d["meta_digest"], d["format"] = meta_digest(d["meta"]), 2
+    first.write_text(json.dumps(d))
+    disk = ReplicaStore(tmp_path / "root").disk("vm")
+    assert json.loads((tmp_path / "root/disks/vm/disk.json").read_text())["format"] == FORMAT
+    for pid in ids:
+        rec = json.loads((tmp_path / "root/disks/vm/points" / f"{pid}.json").read_text())
+        assert rec["format"] == 2 and rec["meta_digest"] == meta_digest(rec["meta"])
+    assert [p.id for p in disk.points()] == ids
+    assert_points_match(disk, snaps)
+    # and the next cycle goes on on top of the migrated points
+    p = run_cycle(disk, model, random_changes(random.Random(99)), "after-migration")
+    assert p.base == ids[-1] and disk.verify(p.id).ok
+
+
+def test_verify_refuses_a_point_whose_meta_was_changed(tmp_path: Path) -> None:
+    _store, disk, _snaps, _model = make_points(tmp_path, 2)
+    p = disk.latest()
+    rec = tmp_path / "root/disks/vm/points" / f"{p.id}.json"
+    d = json.loads(rec.read_text())
+    d["meta"]["vm_point"] = {"format": "standby-vm-point/1", "vm": "someone-else"}
+    rec.write_text(json.dumps(d))
+    v = ReplicaStore(tmp_path / "root").disk("vm").verify(p.id)
+    assert not v.ok and any("does not match its seal" in x for x in v.problems), v
+    assert v.actual_digest == v.expected_digest  # the data is fine: the meta is what changed

@@ -197,10 +197,6 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
     def on_session(session: Any) -> None:
         # The point holds the disks as of this moment (the checkpoint): that is its time.
         taken["at"] = time.time()
-        try:
-            taken["xml"] = driver.domain_xml(vm)
-        except (StandbyError, AttributeError) as exc:  # the cycle goes on; the failover keeps the last one
-            log.warning("VM %s: cannot read its definition for the cycle's result: %s", vm, exc)
         total = 0
         for dc in session.disks:
             try:
@@ -214,20 +210,39 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
         res = replicate_vm(driver, vm, endpoint, env.client_context(), env.state_dir,
                            consistency=str(consistency), options=opts, on_session=on_session, disk_ids=disk_ids,
                            force_hash_scan=bool(params.get("force_hash_scan", False)),
-                           progress=progress.add_bytes)
+                           progress=progress.add_bytes, recovery=_recovery(params))
     except CycleFailed as exc:
         # Some disks committed: the control plane gets which, with the failure.
-        exc.partial = _cycle_result(exc.result, taken.get("at"), taken.get("xml"))  # type: ignore[attr-defined]
+        exc.partial = _cycle_result(exc.result, taken.get("at"))  # type: ignore[attr-defined]
         raise
-    return _cycle_result(res, taken.get("at"), taken.get("xml"))
+    return _cycle_result(res, taken.get("at"))
 
 
-def _cycle_result(res: Any, taken_at: float | None, domain_xml: str | None = None) -> dict[str, Any]:
+def _recovery(params: Mapping[str, Any]) -> dict[str, Any]:
+    """What the control plane sends for the cycle's VM manifest: `recovery: {network_map:
+    {primary network: secondary network or null}, policy: {...}}` and the item id."""
+    rec = params.get("recovery") or {}
+    if not isinstance(rec, Mapping):
+        raise BadInput(f"task parameter 'recovery' must be an object, not {rec!r}")
+    nm = rec.get("network_map") or {}
+    if not isinstance(nm, Mapping) or not all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                              for k, v in nm.items()):
+        raise BadInput("task parameter 'recovery.network_map' must map network names to network names or null")
+    policy = rec.get("policy") or {}
+    if not isinstance(policy, Mapping):
+        raise BadInput("task parameter 'recovery.policy' must be an object")
+    item_id = params.get("item_id")
+    return {"network_map": dict(nm), "policy": dict(policy),
+            "item_id": item_id if isinstance(item_id, int) and not isinstance(item_id, bool) else None}
+
+
+def _cycle_result(res: Any, taken_at: float | None) -> dict[str, Any]:
     out = res.as_dict()
     out["points"] = {d.disk_id: d.result.point_id for d in res.disks if d.result is not None}
     out["point_at"] = iso(taken_at) if taken_at is not None else None
     out["bytes_sent"] = sum(d.result.wire_bytes for d in res.disks if d.result is not None)
-    out["domain_xml"] = domain_xml
+    # the VM's definition as of this cycle: a failover defines the replica from it
+    out["domain_xml"] = res.manifest.domain_xml if res.manifest is not None else None
     return out
 
 

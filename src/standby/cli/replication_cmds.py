@@ -7,6 +7,7 @@ replication of an image, recovery points of a local replica store, offline seeds
     standby replicate IMAGE --to HOST:PORT --disk-id ID [--seed|--hash-scan|--changed-extents F]
     standby points list --store DIR --disk-id ID
     standby points verify --store DIR --disk-id ID [--point P | --all]
+    standby points show --store DIR (--vm VM | --disk-id ID) [--point P]
     standby seed export IMAGE DEST --disk-id ID      (on the primary)
     standby seed import SRC --store DIR              (on the secondary)
 
@@ -215,6 +216,73 @@ def points_list(store: Path = typer.Option(..., "--store", help="Replica store d
                   p.digest[:12])  # the full digest is in --json
     console.print(t)
     console.print(f"{len(pts)} point(s)")
+
+
+@points_app.command("show")
+def points_show(store: Path = typer.Option(..., "--store", help="Replica store directory."),
+                vm: str = typer.Option(None, "--vm", help="A VM: its whole recovery point (all its disks)."),
+                disk_id: str = typer.Option(None, "--disk-id", help="Or one disk's point."),
+                point: str = typer.Option("latest", "--point",
+                                          help="latest, latest_app_consistent or a point id (with --vm); "
+                                               "a point id or latest (with --disk-id)."),
+                as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """Show a recovery point with what it carries to start the VM without the control
+    plane: the VM's definition, its disks' points, the network mapping and the policy."""
+    from standby.domain import vm_point
+    from standby.replication import catalog
+    from standby.replication.store import ReplicaStore, meta_digest
+
+    if (vm is None) == (disk_id is None):
+        raise BadInput("give --vm VM or --disk-id ID (one of them)")
+    rs = ReplicaStore(store)
+    if disk_id is not None:
+        disk = rs.disk(disk_id)
+        rec = disk.latest() if point == "latest" else disk.point(point)
+        if rec is None:
+            raise BadInput(f"disk {disk_id} has no recovery point")
+        sealed = rec.meta_digest is not None and meta_digest(rec.meta) == rec.meta_digest
+        manifest = vm_point.of_meta(rec.meta)
+        out: dict[str, Any] = {"disk_id": disk_id, "point": rec.id, "created_at": rec.created_at,
+                               "consistency": rec.consistency, "digest": rec.digest, "meta_sealed": sealed,
+                               "manifest": manifest.as_dict() if manifest else None,
+                               "startable": bool(manifest and manifest.startable)}
+        title = f"point {rec.id} of disk {disk_id}"
+    else:
+        vp = catalog.choose(rs, vm, point, now=time.time())
+        out = {**vp.as_dict(), "meta_sealed": True}
+        manifest, title = vp.manifest, f"recovery point {vp.id} of VM {vm}"
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    console.print(f"[bold]{escape(title)}[/]")
+    console.print(f"  taken {_fmt_time(out['created_at'])}, {out['consistency']}-consistent; meta seal "
+                  + ("[green]ok[/]" if out["meta_sealed"] else "[red]missing or broken[/]"))
+    if "disks" in out:
+        t = Table(title="disks")
+        for col in ("target", "replica disk", "point"):
+            t.add_column(col, no_wrap=True)
+        targets = {d: tg for tg, d in (manifest.disks.items() if manifest else [])}
+        for d, pid in out["disks"].items():
+            t.add_row(targets.get(d, "?"), escape(d), pid)
+        console.print(t)
+    if manifest is None:
+        console.print("  no VM manifest (a point from before manifests, or the VM's definition could not "
+                      "be read): a failover of it needs the control plane")
+        return
+    console.print(f"  VM {escape(manifest.vm)}, cycle {escape(manifest.cycle)}, item "
+                  f"{manifest.item_id if manifest.item_id is not None else '-'}")
+    if manifest.networks:
+        t = Table(title="network mapping")
+        for col in ("NIC", "primary network", "secondary network"):
+            t.add_column(col, no_wrap=True)
+        for n in manifest.networks:
+            t.add_row(n.mac or "-", escape(n.primary or "-"), escape(n.secondary or "(not connected)"))
+        console.print(t)
+    if manifest.policy:
+        console.print("  policy: " + ", ".join(f"{k} {escape(str(v))}" for k, v in sorted(manifest.policy.items())))
+    console.print("  definition: " + (f"{len(manifest.domain_xml)} characters of libvirt XML (--json shows it)"
+                                      if manifest.domain_xml else "[red]none[/]"))
+    console.print("  startable without the control plane: " + ("[green]yes[/]" if out["startable"] else "[red]no[/]"))
 
 
 @points_app.command("verify")

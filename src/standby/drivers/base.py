@@ -103,6 +103,11 @@ class HypervisorDriver(Protocol):
 
     def vm(self, name: str) -> VmInfo: ...
 
+    def domain_xml(self, name: str) -> str:
+        """The VM's persistent definition, as the hypervisor keeps it (what a replica VM is
+        defined from on the other site)."""
+        ...
+
     def begin_cycle(self, vm: str, last_checkpoint: str | None, consistency: str = "auto") -> AbstractContextManager[CycleSession]:
         """Start a cycle: a checkpoint plus a point-in-time backup of every disk, with
         the changed extents since `last_checkpoint` (or a hash-scan source per disk when

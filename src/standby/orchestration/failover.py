@@ -71,8 +71,8 @@ from standby.orchestration.runner import JobCancelled, JobHandler, JobRunner, Ru
 from standby.orchestration.scheduler import SENDER_TIMEOUT_SECONDS, parse_time
 from standby.store import Store
 from standby.store.base import utcnow
-from standby.store.models import Agent, Job, Network, NetworkMapping, ProtectedItem
-from standby.store.repo import agents, items, jobs, tasks
+from standby.store.models import Agent, Job, Network, ProtectedItem
+from standby.store.repo import agents, inventory, items, jobs, tasks
 from standby.store.states import JobState
 
 __all__ = [
@@ -428,10 +428,8 @@ class _Run:
         with self.store.read() as s:
             item = items.get(s, self.item_id)
             primary, secondary = self._agent_or_none(s, Site.PRIMARY), self._agent_or_none(s, Site.SECONDARY)
-            nets: list[str | None] = []
-            for nic in item.vm.nics or []:
-                net = nic.get("network") if isinstance(nic, Mapping) else None
-                nets.append(_mapped(s, net) if net else None)
+            mappings = inventory.network_mappings(s)
+            nets = [mappings.get(net) if net else None for net in inventory.vm_networks(item.vm)]
             return {"vm": item.vm.name, "state": item.state, "details": dict(item.details or {}),
                     "disk_map": _disk_map(item), "disk_paths": _disk_paths(item), "networks": nets,
                     "primary": _agent_view(primary), "secondary": _agent_view(secondary),
@@ -765,12 +763,6 @@ def _agent_view(agent: Agent | None) -> dict[str, Any]:
     if agent is None:
         return {"name": None, "address": None, "prefix": ""}
     return {"name": agent.name, "address": agent.address, "prefix": _prefix(agent)}
-
-
-def _mapped(s: Session, primary_network: str) -> str | None:
-    row = s.scalars(select(NetworkMapping).join(Network, Network.id == NetworkMapping.primary_network_id)
-                    .where(Network.name == primary_network)).first()
-    return row.secondary.name if row is not None else None
 
 
 def _disk_paths(item: ProtectedItem) -> dict[str, str]:

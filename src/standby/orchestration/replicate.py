@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from standby.domain import vm_point
+from standby.domain.vm_point import VmManifest
 from standby.errors import Conflict, StandbyError
 from standby.replication.changes import ChangeSource
 from standby.replication.protocol import Consistency, CycleKind
@@ -101,6 +103,7 @@ class VmCycleResult:
     seconds: float
     disks: list[DiskCycle]
     notes: list[str]
+    manifest: VmManifest | None = None  # what every disk point of the cycle carries
 
     def disk(self, target: str) -> DiskCycle:
         return next(d for d in self.disks if d.target == target)
@@ -128,11 +131,39 @@ def _with_kind(source: ChangeSource, kind: CycleKind) -> ChangeSource | None:
     return fn(kind) if callable(fn) else None
 
 
+def _manifest(driver: HypervisorDriver, vm: str, session: Any, disk_ids: Mapping[str, str] | None,
+              recovery: Mapping[str, Any] | None) -> VmManifest | None:
+    """The cycle's VM manifest; None (with a note on the session) when the VM's definition
+    cannot be read: the cycle goes on, its points then need the control plane to fail over."""
+    rec = recovery or {}
+    disks = {dc.target: (disk_ids or {}).get(dc.target) or disk_id_for(vm, dc.target) for dc in session.disks}
+    try:
+        xml = driver.domain_xml(vm)
+        nics = [(n.mac, n.network) for n in driver.vm(vm).nics]
+    except (StandbyError, AttributeError, OSError) as exc:
+        session.notes.append(f"the VM's definition could not be read ({exc}); this point needs the control "
+                             "plane to fail over")
+        return None
+    if len(xml) > vm_point.MAX_DOMAIN_XML:
+        session.notes.append(f"the VM's definition is {len(xml)} characters, over the "
+                             f"{vm_point.MAX_DOMAIN_XML} a point carries; this point needs the control plane "
+                             "to fail over")
+    item_id = rec.get("item_id")
+    try:
+        return vm_point.build(vm, session.checkpoint or "", disks, xml, nics=nics,
+                              network_map=rec.get("network_map") or {}, policy=rec.get("policy") or {},
+                              item_id=item_id if isinstance(item_id, int) else None)
+    except StandbyError as exc:
+        session.notes.append(f"no VM manifest for this point: {exc}")
+        return None
+
+
 def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, context: ssl.SSLContext,
                  state_dir: Path | str, *, consistency: str = "auto", options: SenderOptions | None = None,
                  disk_ids: Mapping[str, str] | None = None,
                  on_session: Callable[[Any], None] | None = None, force_hash_scan: bool = False,
-                 progress: Callable[[int], None] | None = None) -> VmCycleResult:
+                 progress: Callable[[int], None] | None = None,
+                 recovery: Mapping[str, Any] | None = None) -> VmCycleResult:
     """Run one replication cycle of `vm` to the agent at `endpoint`.
 
     `state_dir` keeps this VM's replication state and the sender's per-disk state;
@@ -141,7 +172,11 @@ def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, co
     use it to look at the point-in-time view); `force_hash_scan` compares every block
     with the replica's digests even where the changed extents are trusted (an operator's
     resync: it repairs a replica that missed writes the change tracking did not report);
-    `progress` gets the bytes examined, from the sender's threads."""
+    `progress` gets the bytes examined, from the sender's threads; `recovery` is what the
+    control plane knows that a failover needs ({network_map: {primary: secondary},
+    policy: {...}, item_id}): with the VM's definition and disks it becomes the cycle's
+    manifest (`domain.vm_point`), carried by every disk point, so the secondary can start
+    the VM from its replica store alone."""
     state_dir = Path(state_dir)
     if isinstance(endpoint, str):
         endpoint = Endpoint.parse(endpoint)
@@ -155,6 +190,7 @@ def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, co
         if on_session is not None:
             on_session(session)
         cons = Consistency.APP if session.consistency == "app" else Consistency.CRASH
+        manifest = _manifest(driver, vm, session, disk_ids, recovery)
         for dc in session.disks:
             disk_id = (disk_ids or {}).get(dc.target) or disk_id_for(vm, dc.target)
             source, reason = dc.source, dc.resync_reason
@@ -186,6 +222,8 @@ def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, co
                     meta["resync_reason"] = reason[:500]
                 if session.notes:
                     meta["notes"] = [n[:300] for n in session.notes[:8]]
+                if manifest is not None:
+                    meta[vm_point.META_KEY] = manifest.as_dict()
                 res = run_cycle(source, endpoint, context, disk_id,
                                 replace(opts, state_dir=state_dir / "sender", consistency=cons,
                                         meta={**opts.meta, **meta}), progress=progress)
@@ -198,7 +236,7 @@ def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, co
             read = getattr(source, "bytes_read", None)
             item.nbd_bytes_read = int(read) if isinstance(read, int) else None
         result = VmCycleResult(vm, session.checkpoint, base, session.consistency, False, 0.0, disks,
-                               list(session.notes))
+                               list(session.notes), manifest)
         if first_error is None:
             # Record the new base first: if we stop between the two steps, the next cycle
             # starts from the new checkpoint, which the driver still has (pending).

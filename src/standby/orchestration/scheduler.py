@@ -46,6 +46,7 @@ from standby.store.db import Store
 from standby.store.models import Agent, Alert, AgentTask, Host, Policy, ProtectedItem, Vm
 from standby.store.repo import agents as agents_repo
 from standby.store.repo import alerts, items, tasks
+from standby.store.repo import inventory as inventory_repo
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,21 @@ def consistency_for(app_interval_hours: int, last_app_consistent_at: datetime | 
     if last_app_consistent_at is None:
         return "app"
     return "app" if now - last_app_consistent_at >= timedelta(hours=app_interval_hours) else "crash"
+
+
+def recovery_params(item: ProtectedItem, mappings: Mapping[str, str], *, reverse: bool = False) -> dict[str, Any]:
+    """What a cycle's points carry for a failover without the control plane (the VM
+    manifest, `domain.vm_point`): the network mapping in force for the VM's networks (the
+    other way round when replicating back from the secondary) and the policy."""
+    direction = {v: k for k, v in mappings.items()} if reverse else mappings
+    nets = {n for n in inventory_repo.vm_networks(item.vm) if n}
+    if reverse:  # the replica VM's NICs are on the secondary networks the mapping chose
+        nets = {mappings[n] for n in nets if n in mappings}
+    p = item.policy
+    return {"network_map": {n: direction.get(n) for n in sorted(nets)},
+            "policy": {"name": p.name, "copy_frequency_seconds": p.copy_frequency_seconds,
+                       "retention_hours": p.recovery_point_retention_hours,
+                       "app_consistent_interval_hours": p.app_consistent_interval_hours}}
 
 
 def next_cycle_after(started_at: datetime, frequency_seconds: int, now: datetime) -> datetime:
@@ -335,11 +351,12 @@ class Scheduler:
                 return
             busy = tasks.items_with_open_tasks(s, CYCLE)
             agents_by_host = self._agents_by_host(s, now)
+            mappings = inventory_repo.network_mappings(s)
             new: list[tasks.NewTask] = []
             for item in due:
                 if item.id in busy:
                     continue  # its running cycle's result schedules the next one
-                task = self._cycle_task(item, agents_by_host, now)
+                task = self._cycle_task(item, agents_by_host, now, mappings)
                 if task is None:
                     report.dispatch_skipped += 1
                 else:
@@ -359,7 +376,8 @@ class Scheduler:
         return out
 
     def _cycle_task(
-        self, item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], now: datetime
+        self, item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], now: datetime,
+        mappings: Mapping[str, str] | None = None,
     ) -> tasks.NewTask | None:
         """The cycle task for a due item, its `next_cycle_at` cleared; or None, the item
         rescheduled (or taken off the queue) and `error` saying why."""
@@ -408,6 +426,7 @@ class Scheduler:
             "compress": bool(policy.compression),
             "force_hash_scan": force,
             "timeout_seconds": SENDER_TIMEOUT_SECONDS,
+            "recovery": recovery_params(item, mappings or {}, reverse=sites[0] is Site.SECONDARY),
         }
         if sites[0] is Site.SECONDARY:
             # Reverse replication: the replica VM on the secondary sends to the old primary,

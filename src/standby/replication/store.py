@@ -1,12 +1,12 @@
 """Replica store on the secondary host: replica disks and their atomic recovery points.
 
-On-disk format (version 1)
+On-disk format (version 2)
 ==========================
 
 ::
 
     ROOT/disks/<disk_id>/
-        disk.json                 {"format": "standby-replica/1", "disk_id", "size", "block_size"}
+        disk.json                 {"format": "standby-replica/2", "disk_id", "size", "block_size"}
         lock                      flock(2) target: one mutating process at a time
         layers/<seq>.qcow2        one qcow2 v3 layer per retained point (seq = 10 digits)
         points/<seq>.json         the commit record of point <seq>
@@ -29,7 +29,15 @@ A point exists once `points/<seq>.json` exists (written to a temp file, fsynced,
 renamed, directory fsynced); it is renamed into place last, once the layer and the hash
 files are durable. It records: id, seq, created_at,
 consistency ("crash" | "app"), digest (hex disk digest, see digest.py), bytes_changed,
-blocks_changed, layer, cycle_id, base (previous point id) and meta.
+blocks_changed, layer, cycle_id, base (previous point id), meta and meta_digest (SHA-256
+of the meta in canonical JSON: sorted keys, no spaces, UTF-8). A VM's points carry the
+cycle's VM manifest in `meta["vm_point"]` (`domain/vm_point.py`): with the seal, what a
+failover without the control plane reads is what the cycle committed; `verify` checks
+the seal with the data.
+
+Format 1 (records without meta_digest) is migrated when a disk is opened: each record
+is sealed and rewritten atomically, then disk.json says format 2; an interrupted
+migration runs again at the next open.
 
 Hashes
 ------
@@ -157,7 +165,8 @@ log = logging.getLogger(__name__)
 
 assert CLUSTER_SIZE == BLOCK_SIZE
 
-FORMAT = "standby-replica/1"
+FORMAT = "standby-replica/2"
+FORMATS_READ = ("standby-replica/1", FORMAT)  # format 1 is migrated on open (see the module doc)
 SEED_FORMAT = "standby-seed/1"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
@@ -271,13 +280,14 @@ class RecoveryPoint:
     cycle_id: str = ""
     base: str | None = None
     size: int | None = None  # the point's virtual size (None in records written before resizes)
+    meta_digest: str | None = None  # seals `meta` (None only in format-1 records, before migration)
 
     def to_json(self) -> dict[str, Any]:
-        d = {"format": 1, "id": self.id, "seq": self.seq, "created_at": self.created_at,
+        d = {"format": 2, "id": self.id, "seq": self.seq, "created_at": self.created_at,
              "consistency": self.consistency, "digest": self.digest,
              "bytes_changed": self.bytes_changed, "blocks_changed": self.blocks_changed,
              "layer": self.layer.name, "cycle_id": self.cycle_id, "base": self.base,
-             "meta": self.meta}
+             "meta": self.meta, "meta_digest": self.meta_digest or meta_digest(self.meta)}
         if self.size is not None:
             d["size"] = self.size
         return d
@@ -289,7 +299,15 @@ class RecoveryPoint:
                    bytes_changed=int(d["bytes_changed"]), blocks_changed=int(d["blocks_changed"]),
                    layer=layers_dir / d["layer"], meta=dict(d.get("meta") or {}),
                    cycle_id=d.get("cycle_id", ""), base=d.get("base"),
-                   size=int(d["size"]) if d.get("size") is not None else None)
+                   size=int(d["size"]) if d.get("size") is not None else None,
+                   meta_digest=str(d["meta_digest"]) if d.get("meta_digest") is not None else None)
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a point's meta in canonical JSON: the seal `verify` checks, so a
+    VM manifest read back for a failover is the one the cycle committed."""
+    canonical = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -448,8 +466,9 @@ class DiskReplica:
     def __init__(self, path: Path) -> None:
         self.path = path
         info = json.loads((path / "disk.json").read_text())
-        if info.get("format") != FORMAT:
+        if info.get("format") not in FORMATS_READ:
             raise IntegrityError(f"{path}/disk.json: unknown format {info.get('format')!r}")
+        self._format = str(info["format"])
         self.disk_id: str = info["disk_id"]
         # disk.json's size is the size at creation and is never rewritten: a grown disk's
         # size is carried by the point records (durable with the point that grew it)
@@ -798,7 +817,8 @@ class DiskReplica:
         point = RecoveryPoint(id=pid, seq=seq, created_at=float(created_at), consistency=consistency,
                               digest=digest.hex(), bytes_changed=bytes_changed,
                               blocks_changed=n_changed, layer=layer, meta=dict(meta),
-                              cycle_id=w.cycle_id, base=w.base_point, size=self.size)
+                              cycle_id=w.cycle_id, base=w.base_point, size=self.size,
+                              meta_digest=meta_digest(dict(meta)))
         with _space_errors():
             if not rolling_forward and w.data_bytes >= w.roll_forward_bytes:
                 # a big cycle: the intent lets recovery finish this commit instead of
@@ -890,6 +910,8 @@ class DiskReplica:
                                 problems=problems)
         actual = table.disk_digest().hex()
         mismatched: list[int] = []
+        if point.meta_digest is not None and meta_digest(point.meta) != point.meta_digest:
+            problems.append(f"the point's meta (its VM manifest) does not match its seal {point.meta_digest}")
         if is_latest:
             try:
                 with self._tlock:
@@ -1064,6 +1086,26 @@ class DiskReplica:
                 w.checkpoint()
             raise
 
+    # -- format migration -------------------------------------------------------------
+    def _migrate(self) -> None:
+        """Format 1 -> 2 (disk lock held): seal every point's meta (`meta_digest`), record
+        by record (each rewritten atomically), then disk.json last. Interrupted, it runs
+        again on the next open; a record already sealed is left as it is."""
+        for p in sorted(self.points_dir.glob("*.json")):
+            d = json.loads(p.read_text())
+            if d.get("meta_digest") is not None:
+                continue
+            d["meta_digest"] = meta_digest(dict(d.get("meta") or {}))
+            d["format"] = 2
+            _write_durable(p, _json_bytes(d))
+        _fsync_dir(self.points_dir)
+        info = json.loads((self.path / "disk.json").read_text())
+        info["format"] = FORMAT
+        _write_durable(self.path / "disk.json", _json_bytes(info))
+        log.info("disk %s: replica store format migrated to %s", self.disk_id, FORMAT)
+        self._format = FORMAT
+        self._record_cache.clear()
+
     # -- recovery -------------------------------------------------------------------
     def _recover(self) -> None:
         """Bring the directory back to a clean state after any crash (disk lock held)."""
@@ -1071,6 +1113,8 @@ class DiskReplica:
             for p in d.iterdir():
                 if p.name.endswith(".tmp"):
                     p.unlink(missing_ok=True)
+        if self._format != FORMAT:
+            self._migrate()
         for p in self.staging_dir.iterdir():
             if p.name.endswith(".tmp") or not p.is_dir():
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

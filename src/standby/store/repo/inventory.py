@@ -9,10 +9,21 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from standby.errors import BadInput, Conflict, NotFound
-from standby.store.models import PLATFORMS, Cloud, Host, Network, ProtectedItem, Server, Site, Vm, cloud_hosts
+from standby.store.models import (
+    PLATFORMS,
+    Cloud,
+    Host,
+    Network,
+    NetworkMapping,
+    ProtectedItem,
+    Server,
+    Site,
+    Vm,
+    cloud_hosts,
+)
 from standby.store.repo._common import by_name, now_or
 
 
@@ -300,3 +311,21 @@ def _sync_vms(
             session.delete(vm)
             res.vms_removed.append(key)
     session.flush()
+
+
+def network_mappings(session: Session) -> dict[str, str]:
+    """Every network mapping, primary network name -> secondary network name (one query)."""
+    primary, secondary = aliased(Network), aliased(Network)
+    q = (select(primary.name, secondary.name).select_from(NetworkMapping)
+         .join(primary, primary.id == NetworkMapping.primary_network_id)
+         .join(secondary, secondary.id == NetworkMapping.secondary_network_id))
+    return {p: s for p, s in session.execute(q)}
+
+
+def vm_networks(vm: Vm) -> list[str | None]:
+    """The network of each of the VM's NICs as the inventory has it, in order."""
+    out: list[str | None] = []
+    for nic in vm.nics or []:
+        net = nic.get("network") if isinstance(nic, dict) else None
+        out.append(str(net) if net else None)
+    return out
