@@ -93,6 +93,12 @@ class RemoteError(StandbyError):
     http_status = 502
 
 
+class Passive(RemoteError):
+    """This control plane is the passive standby: changes go to the active one."""
+
+    http_status = 503
+
+
 class IntegrityError(StandbyError):
     """Data does not match its checksum or digest, or metadata is corrupt."""
 

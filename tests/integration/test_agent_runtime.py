@@ -253,6 +253,15 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         finally:
             replica.release(overlay)
         assert verdict.ok and verdict.last >= acked, verdict.line()
+        # the point carries what host-b needs to start the VM without the control plane
+        from standby.replication import catalog
+        from standby.replication.store import ReplicaStore
+
+        vp = catalog.choose(ReplicaStore(replicas), name, "latest", now=time.time())
+        assert vp.manifest is not None and vp.manifest.startable, vp
+        assert vp.manifest.vm == name and vp.manifest.disks == {"vda": disk_id}
+        assert f"<name>{name}</name>" in (vp.manifest.domain_xml or "")
+        assert vp.manifest.item_id == item["id"] and vp.manifest.policy["name"] == "fast"
         api.post(f"/items/{name}/pause")  # the scheduler stops; the tasks below are this test's
         d.wait_for(lambda: d.item(name)["state"] == "paused", 30, "pause", log=d.server)
         d.wait_for(lambda: not _open_cycles(store, agent_a["id"]), 60, "the last scheduled cycle to end")

@@ -87,6 +87,9 @@ class AgentConfig:
     # Replica VMs this agent defines are named <vm_prefix><vm> (test VMs <vm_prefix><vm>-test):
     # two agents sharing one libvirtd (the single-machine demo) keep their VMs apart by it.
     vm_prefix: str = ""
+    # The other control planes of the deployment (the standby at the other site): the agent
+    # follows whichever is active, with no change here when one is promoted.
+    standby_urls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -96,6 +99,11 @@ class AgentConfig:
         if self.host_group is not None:
             check_name(self.host_group, "host group")
         self.server_url = check_server_url(self.server_url)
+        if not isinstance(self.standby_urls, list):
+            raise BadInput(f"standby_urls must be a list of control plane URLs, not {self.standby_urls!r}")
+        self.standby_urls = [check_server_url(u) for u in self.standby_urls]
+        if self.server_url in self.standby_urls or len(set(self.standby_urls)) != len(self.standby_urls):
+            raise BadInput("a control plane URL is given twice")
         check_listen(self.listen)
         if not self.libvirt_uri:
             raise BadInput("libvirt URI is empty")
@@ -104,6 +112,11 @@ class AgentConfig:
         if not (isinstance(self.heartbeat_seconds, (int, float)) and self.heartbeat_seconds > 0):
             raise BadInput(f"heartbeat_seconds must be positive, not {self.heartbeat_seconds!r}")
         check_vm_prefix(self.vm_prefix)
+
+    @property
+    def urls(self) -> list[str]:
+        """Every control plane this agent may talk to, the one it registered with first."""
+        return [self.server_url, *self.standby_urls]
 
     # ------------------------------------------------------------------ files
 

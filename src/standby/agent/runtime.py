@@ -35,6 +35,7 @@ tasks get `stop_grace` seconds to finish; a task still running then is left unfi
 
 from __future__ import annotations
 
+import os
 import logging
 import queue
 import ssl
@@ -88,6 +89,9 @@ def abort_stale_backups(driver: Any, owns: Callable[[str], bool]) -> list[str]:
     return aborted
 
 
+PROBE_SECONDS = 60.0  # how often an agent with several control planes asks which is active
+
+
 class ControlPlaneDown(RemoteError):
     """The control plane did not answer, or answered with a server error (5xx)."""
 
@@ -101,30 +105,122 @@ def _is_outage(exc: StandbyError) -> bool:
 
 class ControlPlane:
     """The agent's side of the agent API: the shared ApiClient (client certificate), one
-    per thread, and the outage bookkeeping that keeps the log to one line per outage."""
+    per thread and control plane, and the outage bookkeeping that keeps the log to one
+    line per outage.
+
+    With several control planes (`AgentConfig.urls`: the active one and the standby of
+    the other site), a call that finds its control plane down or passive (a 5xx: a
+    passive control plane answers 503) moves the agent to the next one for the next call;
+    the one that answers is kept. So the agent follows a promotion with nothing to change."""
+
+    EPOCH_FILE = "control-plane-epoch"
 
     def __init__(self, cfg: AgentConfig, timeout: float = 30.0,
                  client_factory: Callable[[], Any] | None = None) -> None:
         self.cfg = cfg
         self.timeout = timeout
-        self._factory = client_factory or self._client
+        self.urls = list(cfg.urls)
+        self.epoch = self._load_epoch()  # the highest control-plane epoch this agent has seen
+        self._current = 0  # index into urls: the control plane calls go to
+        self._factory = client_factory  # tests: one client, whatever the URL
         self._local = threading.local()
         self._lock = threading.Lock()
         self._clients: list[Any] = []
         self.down_since: float | None = None
         self.outages = 0
+        self.answered_by: str | None = None  # the control plane that answered last
         self.back = threading.Event()  # set when an outage ends (the agent's loops wake at once)
 
-    def _client(self) -> Any:
+    @property
+    def url(self) -> str:
+        return self.urls[self._current]
+
+    # ------------------------------------------------------------------ epochs
+
+    def _load_epoch(self) -> int:
+        try:
+            return int((self.cfg.data_dir / self.EPOCH_FILE).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _save_epoch(self, epoch: int) -> None:
+        path = self.cfg.data_dir / self.EPOCH_FILE
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(f"{epoch}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot record control-plane epoch %d: %s", epoch, exc)
+
+    def check_epoch(self, epoch: Any, url: str | None = None) -> None:
+        """A control plane answered with `epoch`: a higher one is remembered; a lower one
+        means a control plane replaced by a promotion (the old site's, back and unaware):
+        it is not followed (ControlPlaneDown, and the next call tries the next one)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            return  # a control plane that does not say (an older version): nothing to compare
+        url = url or self.url
+        with self._lock:
+            known = self.epoch
+            if epoch > known:
+                self.epoch = epoch
+        if epoch > known:
+            self._save_epoch(epoch)
+            if known:
+                log.warning("control plane %s is at epoch %d (was %d): a standby was promoted; following it",
+                            url, epoch, known)
+            return
+        if epoch < known:
+            with self._lock:
+                if len(self.urls) > 1 and self.urls[self._current] == url:
+                    self._current = (self._current + 1) % len(self.urls)
+            log.warning("control plane %s is stale (epoch %d, this agent has seen %d): not followed", url, epoch,
+                        known)
+            raise ControlPlaneDown(f"control plane {url} is stale (epoch {epoch} < {known})")
+
+    def probe(self) -> None:
+        """Ask every control plane's /health and go to the active one of the highest epoch
+        (at start, and now and then: a promotion may have happened while this agent was down)."""
+        if len(self.urls) < 2:
+            return
+        best: tuple[int, int] | None = None
+        for i, url in enumerate(self.urls):
+            try:
+                h = self.client(url).request("GET", "/health")
+            except StandbyError:
+                continue
+            if not isinstance(h, dict) or h.get("role", "active") != "active":
+                continue
+            ep = h.get("epoch") if isinstance(h.get("epoch"), int) else 0
+            if best is None or ep > best[0]:
+                best = (ep, i)
+        if best is None:
+            return
+        if best[0] < self.epoch:
+            log.warning("every active control plane is at an epoch below %d: not following any", self.epoch)
+            return
+        with self._lock:
+            before, self._current = self._current, best[1]
+        if before != best[1]:
+            log.info("following control plane %s (active, epoch %d)", self.urls[best[1]], best[0])
+        if best[0]:
+            self.check_epoch(best[0], self.urls[best[1]])
+
+    def _client(self, url: str) -> Any:
+        if self._factory is not None:
+            return self._factory()
         from standby.client import ApiClient
 
-        return ApiClient(self.cfg.server_url, ca=self.cfg.ca_path, cert=(self.cfg.cert_path, self.cfg.key_path),
+        return ApiClient(url, ca=self.cfg.ca_path, cert=(self.cfg.cert_path, self.cfg.key_path),
                          timeout=self.timeout)
 
-    def client(self) -> Any:
-        c = getattr(self._local, "client", None)
+    def client(self, url: str | None = None) -> Any:
+        url = url or self.url
+        mine = getattr(self._local, "clients", None)
+        if mine is None:
+            mine = self._local.clients = {}
+        c = mine.get(url)
         if c is None:
-            c = self._local.client = self._factory()
+            c = mine[url] = self._client(url)
             with self._lock:
                 self._clients.append(c)
         return c
@@ -132,30 +228,38 @@ class ControlPlane:
     def call(self, method: str, path: str, body: Any = None) -> Any:
         """One request; ControlPlaneDown on an outage (logged once), the StandbyError of
         the answer otherwise (a 4xx: the control plane said no)."""
+        url = self.url
         try:
-            out = self.client().request(method, path, json=body)
+            out = self.client(url).request(method, path, json=body)
         except StandbyError as exc:
             if not _is_outage(exc):
-                self._answered()  # a refusal is an answer: the control plane is there
+                self._answered(url)  # a refusal is an answer: the control plane is there
                 raise
             with self._lock:
                 first = self.down_since is None
                 if first:
                     self.down_since = time.monotonic()
                     self.outages += 1
+                if len(self.urls) > 1 and self.urls[self._current] == url:
+                    self._current = (self._current + 1) % len(self.urls)  # the next call tries the next one
             if first:
-                log.warning("control plane unreachable (%s); retrying with backoff, replication goes on",
-                            exc.message)
+                others = f"; trying {', '.join(u for u in self.urls if u != url)} too" if len(self.urls) > 1 else ""
+                log.warning("control plane %s unreachable (%s)%s; retrying with backoff, replication goes on",
+                            url, exc.message, others)
             raise ControlPlaneDown(exc.message) from None
-        self._answered()
+        self._answered(url)
         return out
 
-    def _answered(self) -> None:
+    def _answered(self, url: str) -> None:
         with self._lock:
             since, self.down_since = self.down_since, None
+            before, self.answered_by = self.answered_by, url
         if since is not None:
-            log.info("control plane reachable again after %.0f s", time.monotonic() - since)
+            moved = f" at {url} (was {before})" if before and before != url else ""
+            log.info("control plane reachable again after %.0f s%s", time.monotonic() - since, moved)
             self.back.set()
+        elif before is not None and before != url:
+            log.info("control plane is now %s (was %s)", url, before)
 
     def close(self) -> None:
         with self._lock:
@@ -281,7 +385,7 @@ class AgentRuntime:
         for t in self._threads + self._workers:
             t.start()
         log.info("agent %s running: replication on %s:%d, replicas in %s, control plane %s", cfg.name,
-                 self.receiver.address[0], self.receiver.address[1], cfg.replicas_dir, cfg.server_url)
+                 self.receiver.address[0], self.receiver.address[1], cfg.replicas_dir, " or ".join(cfg.urls))
         return self
 
     def _take_lock(self) -> None:
@@ -400,6 +504,7 @@ class AgentRuntime:
         t1 = time.time()
         self.stats["heartbeats"] += 1
         if isinstance(answer, dict):
+            self.cp.check_epoch(answer.get("epoch"))
             hb = answer.get("heartbeat_seconds")
             if isinstance(hb, (int, float)) and hb > 0 and hb != self.heartbeat_seconds:
                 log.info("heartbeat every %g s (control plane)", hb)
@@ -415,11 +520,38 @@ class AgentRuntime:
                     pass
         return answer if isinstance(answer, dict) else {}
 
+    def report_break_glass(self) -> None:
+        """Report break-glass failovers run on this host while no control plane answered
+        (`agent/breakglass.py`); each is reported until a control plane takes it."""
+        from standby.agent import breakglass
+
+        for rec in breakglass.unreported(self.cfg):
+            if rec.outcome != "done":
+                continue  # a failed one is the operator's to run again (it goes on where it stopped)
+            what = f"break-glass report of {rec.vm}"
+            try:
+                ans = self.cp.call("POST", "/agent/breakglass", rec.as_dict())
+            except ControlPlaneDown:
+                return
+            except StandbyError as exc:
+                self._refused(what, exc.message)
+                continue
+            self._refused(what, None)
+            breakglass.mark_reported(self.cfg, rec)
+            log.warning("break-glass failover of %s (replica %s, point %s) reported to %s: item %s is %s, job %s",
+                        rec.vm, rec.replica_vm, rec.point.get("id"), self.cp.answered_by, ans.get("item_id"),
+                        ans.get("state"), ans.get("job_id"))
+
     def _heartbeat_loop(self) -> None:
         delay = 0.0
+        probed = 0.0
         while not self._stop.is_set():
             try:
+                if time.monotonic() - probed >= PROBE_SECONDS:
+                    probed = time.monotonic()
+                    self.cp.probe()
                 self.heartbeat()
+                self.report_break_glass()
                 self._refused("heartbeat", None)
                 delay = 0.0
                 wait = self.heartbeat_seconds

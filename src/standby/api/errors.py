@@ -126,8 +126,48 @@ class CatchAll:
             await response(scope, receive, send)
 
 
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class PassiveGuard:
+    """A passive control plane (`orchestration/role.py`) serves reads and answers every
+    change with 503 naming the active one, before the request body is read: its database
+    is read-only, and an agent that gets the 503 moves on to the next control plane."""
+
+    def __init__(self, app: ASGIApp, services: Any) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        role = getattr(self.services, "role", None)
+        if scope["type"] == "http" and scope.get("method") not in _READS and role is not None \
+                and not getattr(self.services, "active", True):
+            response = standby_error_response(role.passive_error())
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _read_only_database(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    return type(orig).__name__ == "ReadOnlySqlTransaction"
+
+
+async def _on_database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A read that writes (GET of an item's points queues a task) on a passive control
+    plane's read-only database: the same 503 as a change."""
+    role = getattr(request.app.state.services, "role", None)
+    if _read_only_database(exc) and role is not None:
+        return standby_error_response(role.passive_error())
+    raise exc
+
+
 def install(app: FastAPI) -> None:
+    from sqlalchemy.exc import DBAPIError
+
     app.add_exception_handler(StandbyError, _on_standby_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(DBAPIError, _on_database_error)
+    app.add_middleware(PassiveGuard, services=app.state.services)
     app.add_middleware(CatchAll)

@@ -100,6 +100,11 @@ class HealthOut(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
     server_time: datetime
+    role: Literal["active", "passive"] = "active"
+    name: str | None = None  # this control plane's name
+    epoch: int | None = None  # bumped by every promotion: agents follow the highest
+    active_url: str | None = None  # the active control plane, as the database says
+    reason: str | None = None  # why passive
 
 
 # ---------------------------------------------------------------- agents (certificate or key)
@@ -139,6 +144,32 @@ class HeartbeatIn(AgentRequest):
 class HeartbeatOut(BaseModel):
     heartbeat_seconds: float
     server_time: datetime
+    epoch: int | None = None  # the control plane's epoch: agents do not follow a lower one
+
+
+class BreakGlassIn(AgentRequest):
+    """A break-glass failover the agent ran while no control plane answered (its record,
+    `agent/breakglass.py`)."""
+
+    vm: str = Field(min_length=1, max_length=200)
+    item_id: int | None = None
+    replica_vm: str = Field(min_length=1, max_length=200)
+    tag: str = Field(min_length=1, max_length=128)
+    point: dict[str, Any]
+    overlays: dict[str, str]
+    networks: list[str | None] = Field(default_factory=list)
+    outcome: Literal["done", "failed"]
+    started_at: float
+    finished_at: float
+    by: str = Field(default="", max_length=300)
+    steps: list[dict[str, Any]] = Field(default_factory=list, max_length=20)
+
+
+class BreakGlassOut(BaseModel):
+    item_id: int
+    state: str
+    job_id: int | None
+    already: bool
 
 
 class VmIn(AgentRequest):

@@ -41,6 +41,7 @@ from standby import __version__
 from standby.api.app import create_app
 from standby.errors import BadInput, Conflict, NotFound, StandbyError
 from standby.orchestration.registration import init_ca_and_server_cert
+from standby.orchestration.role import in_recovery
 from standby.orchestration.settings import ServerSettings
 from standby.replication import tls
 from standby.store import open_store
@@ -52,7 +53,7 @@ log = logging.getLogger("standby.server")
 SERVER_JSON = "server.json"
 ADMIN_TOKEN_NAME = "admin"
 # What server.json may hold (settings chosen at init); anything else in it is ignored.
-_JSON_SETTINGS = ("listen", "db_url", "sans")
+_JSON_SETTINGS = ("listen", "db_url", "sans", "name", "public_url")
 
 
 # ---------------------------------------------------------------- data dir
@@ -81,6 +82,19 @@ def _url_without_password(url: str) -> tuple[str, bool]:
     return bare.render_as_string(hide_password=False), True
 
 
+def _ensure_admin_token(store: Any, settings: ServerSettings) -> str | None:
+    """Create the `admin` operator token unless the store has one; its secret (written to
+    admin.token before the commit: a token that exists must be in the file), or None."""
+    with store.transaction() as s:
+        admin = s.scalars(select(ApiToken).where(ApiToken.name == ADMIN_TOKEN_NAME)).one_or_none()
+        secret = None
+        if admin is None:
+            _token, secret = tokens_repo.create_token(s, ADMIN_TOKEN_NAME, role="operator", created_by="init")
+        if secret is not None:
+            tls.write_atomic(settings.admin_token_file, (secret + "\n").encode(), 0o600)
+    return secret
+
+
 def init_data_dir(settings: ServerSettings, *, force: bool = False) -> InitResult:
     """Make a control plane's data dir: the CA and server certificate, the store (created
     or migrated), the first operator token `admin` in `admin.token` (0600; only when the
@@ -98,16 +112,15 @@ def init_data_dir(settings: ServerSettings, *, force: bool = False) -> InitResul
     pki = init_ca_and_server_cert(settings)
     created = list(pki.created)
 
-    store = open_store(settings.url)  # creates the database or migrates it to head
+    store = open_store(settings.url, migrate="unless-standby")  # creates the database or migrates it
     try:
-        with store.transaction() as s:
-            admin = s.scalars(select(ApiToken).where(ApiToken.name == ADMIN_TOKEN_NAME)).one_or_none()
+        if in_recovery(store):
+            # The standby site: its database replays the active one's (tokens included).
+            log.warning("the database is a standby (in recovery): nothing written to it; copy the active "
+                        "site's admin.token here if this site's operators need one")
             secret = None
-            if admin is None:
-                _token, secret = tokens_repo.create_token(s, ADMIN_TOKEN_NAME, role="operator", created_by="init")
-            # The file is written before the commit: a token that exists must be in the file.
-            if secret is not None:
-                tls.write_atomic(settings.admin_token_file, (secret + "\n").encode(), 0o600)
+        else:
+            secret = _ensure_admin_token(store, settings)
         db_url = store.url
     finally:
         store.close()
@@ -119,7 +132,8 @@ def init_data_dir(settings: ServerSettings, *, force: bool = False) -> InitResul
         stored_url, had_password = _url_without_password(settings.db_url)
         if had_password:
             log.warning("the database password is not written to %s: give it with PGPASSWORD or ~/.pgpass", server_json)
-    doc = {"version": __version__, "listen": settings.listen, "db_url": stored_url, "sans": list(settings.sans)}
+    doc = {"version": __version__, "listen": settings.listen, "db_url": stored_url, "sans": list(settings.sans),
+           "name": settings.name, "public_url": settings.public_url}
     tls.write_atomic(server_json, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
     created.append(SERVER_JSON)
     return InitResult(

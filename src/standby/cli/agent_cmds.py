@@ -8,10 +8,13 @@
         make a key and have the control plane certify it; writes A/agent.json
     standby agent run --data-dir A
         receiver + heartbeats + inventory + tasks, until SIGTERM/SIGINT
+    standby agent failover VM --data-dir A [--point P] [--network NET]
+        break glass: start VM's replica here from the replica store, when no control plane answers
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import socket
@@ -86,6 +89,9 @@ def receive_cmd(
 def register_cmd(
     data_dir: Path = typer.Option(..., "--data-dir", help="The agent's data directory (created)."),
     server: str = typer.Option(..., "--server", envvar="STANDBY_URL", help="Control plane URL, https://HOST:PORT."),
+    standby_servers: list[str] = typer.Option(None, "--standby-server",
+                                              help="The standby control plane of the other site (repeatable): "
+                                                   "the agent follows whichever is active."),
     ca: Path = typer.Option(..., "--ca", envvar="STANDBY_CA",
                             help="The control plane's CA certificate (its DATA_DIR/ca/ca.crt)."),
     key: str = typer.Option(None, "--key", help="The registration key (better: --key-file or "
@@ -119,7 +125,7 @@ def register_cmd(
     hostname = host or socket.gethostname().split(".")[0]
     cfg = AgentConfig(data_dir=data_dir, name=name, server_url=server, site=site, server=server_name, cloud=cloud,
                       host=hostname, listen=listen, host_group=host_group, libvirt_uri=libvirt_uri,
-                      domains=list(domains or []), vm_prefix=vm_prefix)
+                      domains=list(domains or []), vm_prefix=vm_prefix, standby_urls=list(standby_servers or []))
     cfg = register(cfg, registration_key=secret, ca_file=ca)
     console.print(f"agent {escape(cfg.name)} registered (id {cfg.agent_id}) with {escape(cfg.server_url)}: "
                   f"host {escape(cfg.host)} in cloud {escape(cfg.cloud)}, replication on {escape(cfg.listen)}; "
@@ -141,6 +147,33 @@ def run_cmd(
         _wait_for_signal()
     finally:
         rt.stop()
+
+
+@agent_app.command("failover")
+def failover_cmd(
+    vm: str = typer.Argument(..., help="The VM to start here (as the primary named it)."),
+    data_dir: Path = typer.Option(..., "--data-dir", help="This secondary agent's data directory."),
+    point: str = typer.Option("latest", "--point", help="latest, latest_app_consistent or a point id "
+                                                        "(standby points show --vm lists them)."),
+    network: str = typer.Option(None, "--network", help="Connect every NIC to this network instead of the "
+                                                       "mapping the point carries."),
+    as_json: bool = typer.Option(False, "--json", help="Print the record as JSON."),
+) -> None:
+    """Break glass: start a VM's replica on this host from the replica store alone, when no
+    control plane answers (refused while one does). Reported to the control plane when it
+    is back."""
+    from standby.agent import breakglass
+    from standby.agent.config import AgentConfig
+
+    cfg = AgentConfig.load(data_dir)
+    say = (lambda line: None) if as_json else (lambda line: console.print(escape(line)))
+    rec = breakglass.failover(cfg, vm, point=point, network=network, report=say)
+    if as_json:
+        print(json.dumps({**rec.as_dict(), "seconds": rec.seconds}, indent=2))
+        return
+    console.print(f"[green]{escape(vm)} runs here as {escape(rec.replica_vm)}[/] from point {rec.point['id']} "
+                  f"in {rec.seconds or 0:.1f} s; recorded in {escape(str(breakglass.records_dir(cfg)))} and "
+                  "reported to the control plane when one answers again")
 
 
 def register(app: typer.Typer) -> None:

@@ -55,18 +55,29 @@ def server_init(
                                 "PostgreSQL, the password from PGPASSWORD or ~/.pgpass)."),
     san: list[str] = typer.Option(None, "--san", metavar="NAME",
                                   help="Extra DNS name or IP address for the server certificate (repeatable)."),
+    name: str = typer.Option(None, "--name", help="This control plane's name (default: the host name); with a "
+                                                  "control plane per site, each has its own."),
+    public_url: str = typer.Option(None, "--public-url", metavar="URL",
+                                   help="The URL agents and operators reach it at (default: https://LISTEN)."),
+    ca_from: Path = typer.Option(None, "--ca-from", metavar="DIR",
+                                 help="Use this CA (a copy of the active site's DATA_DIR/ca) instead of making one: "
+                                      "the standby site's control plane must share the CA."),
     force: bool = typer.Option(False, "--force", help="Rewrite the settings of an existing data dir (keeps the CA, "
                                                       "certificates, store and tokens)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Create the data dir: CA, server certificate, store, the first operator token
-    (DATA_DIR/admin.token) and server.json. Prints what an operator needs to connect."""
+    (DATA_DIR/admin.token) and server.json. Prints what an operator needs to connect.
+    On the standby site (its database a replica of the active one's), nothing is written
+    to the database: the tokens and everything else come from the active site."""
     from standby.api.server import init_data_dir, parse_listen
     from standby.orchestration.settings import ServerSettings
 
     parse_listen(listen)  # a bad address fails before anything is written
     settings = ServerSettings(data_dir=data_dir.expanduser().resolve(), db_url=db, listen=listen,
-                              sans=tuple(san or ()))
+                              sans=tuple(san or ()), name=name, public_url=public_url)
+    if ca_from is not None:
+        _copy_ca(ca_from, settings.ca_dir)
     result = init_data_dir(settings, force=force)
     url = client_url(listen)
     env = {"STANDBY_URL": url, "STANDBY_CA": str(result.ca_cert), "STANDBY_TOKEN_FILE": str(result.admin_token_file)}
@@ -94,6 +105,104 @@ def server_init(
     say(f"start it:  standby server run --data-dir {shlex.quote(str(result.data_dir))}", markup=False)
     say("then, for the CLI:")
     say(env_lines(url, result.ca_cert, result.admin_token_file), markup=False)
+
+
+def _copy_ca(src: Path, dest: Path) -> None:
+    import shutil
+
+    from standby.errors import BadInput, Conflict
+    from standby.replication import tls
+
+    for f in (tls.CA_CERT, tls.CA_KEY):
+        if not (src / f).is_file():
+            raise BadInput(f"--ca-from {src}: no {f} there (give a copy of the active site's DATA_DIR/ca)")
+    if (dest / tls.CA_CERT).exists():
+        if (dest / tls.CA_CERT).read_bytes() != (src / tls.CA_CERT).read_bytes():
+            raise Conflict(f"{dest} holds another CA already")
+        return
+    dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copyfile(src / tls.CA_CERT, dest / tls.CA_CERT)
+    tls.write_atomic(dest / tls.CA_KEY, (src / tls.CA_KEY).read_bytes(), 0o600)
+
+
+@server_app.command("promote")
+def server_promote(
+    data_dir: Path = _DATA_DIR,
+    timeout: float = typer.Option(60.0, "--timeout", min=1, help="Seconds to wait for the promotion."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Declare the disaster on the standby site: promote this control plane's database (a
+    PostgreSQL hot standby) to primary. The control plane running on it becomes active
+    within a second (scheduler, job runner; jobs in flight resume or fail), and agents
+    follow it. Make sure the old active site is down or cut off first."""
+    import time
+
+    from sqlalchemy import text
+
+    from standby.api.server import load_settings
+    from standby.errors import BadInput, RemoteError
+    from standby.store.db import create_store_engine
+
+    declared = time.time()
+    settings = load_settings(data_dir.expanduser())
+    engine = create_store_engine(settings.url)
+    if engine.dialect.name != "postgresql":
+        raise BadInput("promote is for a control plane on a PostgreSQL standby: this one runs on "
+                       f"{engine.dialect.name}, with no standby to promote")
+    try:
+        with engine.connect() as conn:
+            standby = bool(conn.execute(text("SELECT pg_is_in_recovery()")).scalar())
+            promoted = False
+            if standby:
+                promoted = bool(conn.execute(text("SELECT pg_promote(true, :t)"), {"t": int(timeout)}).scalar())
+                if not promoted:
+                    raise RemoteError(f"PostgreSQL did not finish the promotion within {timeout:g} s "
+                                      "(see its log)")
+    finally:
+        engine.dispose()
+    db_s = time.time() - declared
+    health = _wait_active(settings, timeout)
+    out = {"declared_at": declared, "promoted": promoted, "was_standby": standby, "database_seconds": round(db_s, 2),
+           "active_seconds": round(time.time() - declared, 2), "control_plane": health}
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    if not standby:
+        console.print("the database is not a standby (it accepts writes already): nothing to promote")
+    else:
+        console.print(f"database promoted in {db_s:.1f} s")
+    if health is None:
+        console.print("[yellow]no control plane answers on this data dir's listen address: start it "
+                      f"(standby server run --data-dir {escape(str(data_dir))}); it starts active[/]")
+    else:
+        console.print(f"control plane {escape(str(health.get('name')))} is {health.get('role')} "
+                      f"(epoch {health.get('epoch')}) {out['active_seconds']:.1f} s after the declaration")
+
+
+def _wait_active(settings: Any, timeout: float) -> dict[str, Any] | None:
+    """The local control plane's /health once it says active (None: it does not answer)."""
+    import time
+
+    from standby.client import ApiClient
+    from standby.errors import StandbyError
+
+    client = ApiClient(client_url(settings.listen), ca=settings.ca_dir / "ca.crt", timeout=5.0)
+    end = time.monotonic() + timeout
+    last: dict[str, Any] | None = None
+    try:
+        while time.monotonic() < end:
+            try:
+                last = client.request("GET", "/health")
+            except StandbyError:
+                last = None
+                if time.monotonic() > end - timeout + 5:  # not there after 5 s: not running
+                    return None
+            if isinstance(last, dict) and last.get("role") == "active":
+                return last
+            time.sleep(0.2)
+    finally:
+        client.close()
+    return last
 
 
 @server_app.command("run")

@@ -5,6 +5,7 @@ Defaults are what an operator gets from `standby server run`; tests shorten the 
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,10 @@ class ServerSettings:
     webhook_timeout: float = 5.0
     storage_low_fraction: float = 0.10  # secondary storage below this fraction free: storage_low
     sans: tuple[str, ...] = field(default_factory=tuple)
+    # In a deployment with a control plane per site: this one's name and the URL agents
+    # and operators reach it at (control_plane_state names the active one by them).
+    name: str | None = None  # default: this machine's host name
+    public_url: str | None = None  # default: https://<listen> (the host name for 0.0.0.0)
     # When this control plane started: agents get one heartbeat_timeout from then to
     # report in before their silence counts (domain.health.heard_from).
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc), compare=False)
@@ -48,6 +53,19 @@ class ServerSettings:
     @property
     def url(self) -> str:
         return self.db_url or sqlite_url(self.data_dir)
+
+    @property
+    def cp_name(self) -> str:
+        return self.name or socket.gethostname()
+
+    @property
+    def advertised_url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, _, port = self.listen.rpartition(":")
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = socket.getfqdn()
+        return f"https://{host}:{port}"
 
     @property
     def ca_dir(self) -> Path:

@@ -259,11 +259,27 @@ def upgrade(engine: Engine, revision: str = "head", *, script_location: str | No
                 raw.execute("PRAGMA foreign_keys=ON")
 
 
-def open_store(url: str | URL, *, migrate: bool = True, **engine_kw: Any) -> Store:
-    """Open the store at `url` and bring its schema to the newest migration."""
+def _in_recovery(engine: Engine) -> bool:
+    if engine.dialect.name != "postgresql":
+        return False
+    with engine.connect() as conn:
+        return bool(conn.execute(text("SELECT pg_is_in_recovery()")).scalar())
+
+
+def open_store(url: str | URL, *, migrate: bool | str = True, **engine_kw: Any) -> Store:
+    """Open the store at `url` and bring its schema to the newest migration.
+
+    `migrate="unless-standby"`: a PostgreSQL hot standby (in recovery, read-only) is not
+    migrated, its schema is checked instead: it must be the one this Standby writes (the
+    active site's control plane migrates, and the standby replays that)."""
     engine = create_store_engine(url, **engine_kw)
     try:
-        if migrate:
+        if migrate == "unless-standby" and _in_recovery(engine):
+            current, head = current_revision(engine), head_revision()
+            if current != head:
+                raise StoreError(f"the standby database's schema is at revision {current}, this Standby writes "
+                                 f"{head}: run the same Standby version at both sites (the active one migrates)")
+        elif migrate:
             upgrade(engine)
     except exc.OperationalError as e:
         engine.dispose()

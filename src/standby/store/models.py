@@ -478,6 +478,25 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None]
 
 
+# ---------------------------------------------------------------- the control plane's role
+
+
+class ControlPlaneState(Base):
+    """One row: which control plane is active and at which epoch. Replicated with the rest
+    of the database to the standby site's control plane; a promotion bumps the epoch,
+    and agents follow the control plane with the highest (`orchestration/role.py`)."""
+
+    __tablename__ = "control_plane_state"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"), CheckConstraint("epoch >= 1", name="epoch"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    epoch: Mapped[int] = mapped_column(default=1, server_default=text("1"))
+    active_name: Mapped[str | None] = mapped_column(String(NAME))
+    active_url: Mapped[str | None] = mapped_column(String(512))
+    active_since: Mapped[datetime | None]
+    seen_at: Mapped[datetime | None]
+
+
 # ---------------------------------------------------------------- jobs
 
 

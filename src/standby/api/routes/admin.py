@@ -28,9 +28,18 @@ router = APIRouter(dependencies=[Depends(authorize)])
 
 
 @public.get("/health", response_model=schemas.HealthOut)
-def health() -> schemas.HealthOut:
-    """Liveness: the process answers (no authentication, no database access)."""
-    return schemas.HealthOut(version=__version__, server_time=utcnow())
+def health(services: deps.Services = Depends(deps.services)) -> schemas.HealthOut:
+    """Liveness: the process answers (no authentication, no database access), and its role:
+    active, or passive with the active control plane it knows of (`orchestration/role.py`)."""
+    role = getattr(services, "role", None)
+    view = role.last_view if role is not None else None
+    return schemas.HealthOut(
+        version=__version__, server_time=utcnow(),
+        role="active" if getattr(services, "active", True) else "passive",
+        name=role.name if role is not None else None,
+        epoch=view.epoch if view is not None else None,
+        active_url=view.active_url if view is not None else None,
+        reason=role.reason if role is not None and not getattr(services, "active", True) else None)
 
 
 # ---------------------------------------------------------------- API tokens

@@ -12,6 +12,7 @@ from standby.api import deps, schemas
 from standby.api.auth import AgentIdentity, authorize, require_agent
 from standby.api.errors import Unauthorized
 from standby.orchestration import agents as agents_svc
+from standby.orchestration import breakglass
 from standby.orchestration import registration
 from standby.orchestration.settings import ServerSettings
 from standby.store.base import utcnow
@@ -71,8 +72,11 @@ def heartbeat(
     ident: AgentIdentity = Depends(require_agent),
     store: Store = Depends(deps.store),
     settings: ServerSettings = Depends(deps.settings),
+    services: deps.Services = Depends(deps.services),
 ) -> schemas.HeartbeatOut:
     now = utcnow()
+    role = getattr(services, "role", None)
+    view = role.last_view if role is not None else None
     with store.transaction() as s:
         agents_svc.heartbeat(
             s,
@@ -83,7 +87,8 @@ def heartbeat(
             facts=body.facts,
             now=now,
         )
-    return schemas.HeartbeatOut(heartbeat_seconds=settings.heartbeat_seconds, server_time=now)
+    return schemas.HeartbeatOut(heartbeat_seconds=settings.heartbeat_seconds, server_time=now,
+                                epoch=view.epoch if view is not None else None)
 
 
 @agent_router.put("/inventory", response_model=schemas.SyncOut)
@@ -139,6 +144,19 @@ def task_result(
             # In the same transaction: the item never shows a finished cycle without its outcome.
             services.scheduler.apply_task_result(s, task, now)
     return schemas.Empty()
+
+
+@agent_router.post("/breakglass", response_model=schemas.BreakGlassOut)
+def break_glass(
+    body: schemas.BreakGlassIn,
+    ident: AgentIdentity = Depends(require_agent),
+    store: Store = Depends(deps.store),
+) -> schemas.BreakGlassOut:
+    """A failover this agent ran alone while no control plane answered: the item becomes
+    failed over as if the control plane had run it (idempotent)."""
+    with store.transaction() as s:
+        out = breakglass.take_report(s, _agent_row(s, ident), body.model_dump())
+    return schemas.BreakGlassOut(**out)
 
 
 # ---------------------------------------------------------------- operators
