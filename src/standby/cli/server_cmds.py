@@ -129,6 +129,8 @@ def _copy_ca(src: Path, dest: Path) -> None:
 def server_promote(
     data_dir: Path = _DATA_DIR,
     timeout: float = typer.Option(60.0, "--timeout", min=1, help="Seconds to wait for the promotion."),
+    url: str = typer.Option(None, "--url", help="The control plane to watch become active (default: its public "
+                                                "URL, or its listen address)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Declare the disaster on the standby site: promote this control plane's database (a
@@ -161,7 +163,7 @@ def server_promote(
     finally:
         engine.dispose()
     db_s = time.time() - declared
-    health = _wait_active(settings, timeout)
+    health = _wait_active(url or settings.public_url or client_url(settings.listen), settings, timeout)
     out = {"declared_at": declared, "promoted": promoted, "was_standby": standby, "database_seconds": round(db_s, 2),
            "active_seconds": round(time.time() - declared, 2), "control_plane": health}
     if as_json:
@@ -179,14 +181,14 @@ def server_promote(
                       f"(epoch {health.get('epoch')}) {out['active_seconds']:.1f} s after the declaration")
 
 
-def _wait_active(settings: Any, timeout: float) -> dict[str, Any] | None:
-    """The local control plane's /health once it says active (None: it does not answer)."""
+def _wait_active(url: str, settings: Any, timeout: float) -> dict[str, Any] | None:
+    """The control plane's /health once it says active (None: it does not answer)."""
     import time
 
     from standby.client import ApiClient
     from standby.errors import StandbyError
 
-    client = ApiClient(client_url(settings.listen), ca=settings.ca_dir / "ca.crt", timeout=5.0)
+    client = ApiClient(url, ca=settings.ca_dir / "ca.crt", timeout=5.0)
     end = time.monotonic() + timeout
     last: dict[str, Any] | None = None
     try:

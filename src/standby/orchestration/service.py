@@ -77,6 +77,7 @@ class ControlPlaneServices:
             self._start_active()
         else:
             log.warning("control plane %s is passive: %s", self.role.name, self.role.reason)
+        self.role.view()
         watcher = threading.Thread(target=self._watch_role, name="standby-role", daemon=True)
         self._threads.append(watcher)
         watcher.start()
@@ -123,6 +124,7 @@ class ControlPlaneServices:
                     if self.role.try_activate(promoted=was_standby):
                         self._make_parts()  # threads of a former active spell do not start twice
                         self._start_active(later=True)
+                        self.role.view()
                     continue
                 if not self.role.lock_alive():
                     log.critical("control plane %s lost its active lock (its database connection ended): "

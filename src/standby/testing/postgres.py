@@ -93,11 +93,24 @@ class PgServer:
 
 
 class PgCluster:
-    """initdb + pg_ctl in a temporary directory; the socket lives there too."""
+    """initdb + pg_ctl in a temporary directory; the socket lives there too.
 
-    def __init__(self, bindir: Path, *, max_connections: int = 200) -> None:
+    By default a throwaway server: unix socket only, durability off. For the site-loss
+    tests: `listen` (an address to serve TCP on), `prefix` (a command prefix such as
+    `ip netns exec NS`: the server runs inside that network namespace), `replication`
+    (WAL for a streaming standby; peers on `trust_net` may connect), `durable` (fsync on:
+    a server that is SIGKILLed must come back with what it committed).
+    `start_standby(host, port)` makes this cluster a hot standby of another
+    (pg_basebackup -R), `promote()` and `kill()` do what they say."""
+
+    def __init__(self, bindir: Path, *, max_connections: int = 200, listen: str = "", port: int = 5432,
+                 prefix: list[str] | None = None, replication: bool = False, durable: bool = False,
+                 trust_net: str | None = None) -> None:
         self.bindir = bindir
         self.max_connections = max_connections
+        self.listen, self.port = listen, port
+        self.prefix = list(prefix or [])
+        self.replication, self.durable, self.trust_net = replication, durable, trust_net
         self.as_root = os.geteuid() == 0
         self.root = Path(tempfile.mkdtemp(prefix="standby-pg-"))
         self.data = self.root / "data"
@@ -110,7 +123,26 @@ class PgCluster:
         cmd = [str(a) for a in args]
         if self.as_root:
             cmd = ["runuser", "-u", PG_USER, "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        return subprocess.run([*self.prefix, *cmd], capture_output=True, text=True, timeout=timeout, cwd=self.root)
+
+    def _options(self) -> str:
+        opts = (f"-k {self.root} -c listen_addresses='{self.listen}' -p {self.port} "
+                f"-c max_connections={self.max_connections}")
+        if not self.durable:
+            opts += " -c fsync=off -c full_page_writes=off -c synchronous_commit=off"
+        if self.replication:
+            opts += " -c wal_level=replica -c max_wal_senders=10 -c hot_standby=on -c wal_keep_size=256MB"
+        return opts
+
+    def _pg_ctl_start(self) -> None:
+        r = self._run(self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o",
+                      self._options(), "start")
+        if r.returncode != 0:
+            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stderr.strip()}\n{log}")
+
+    def server(self) -> PgServer:
+        return PgServer(host=str(self.root), user="postgres", port=self.port)
 
     def start(self) -> PgServer:
         r = self._run(
@@ -128,20 +160,48 @@ class PgCluster:
         )
         if r.returncode != 0:
             raise RuntimeError(f"initdb failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
-        opts = (
-            f"-k {self.root} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
-            f"-c synchronous_commit=off -c max_connections={self.max_connections}"
-        )
-        r = self._run(self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", opts, "start")
+        if self.trust_net:
+            with open(self.data / "pg_hba.conf", "a") as f:
+                f.write(f"host all all {self.trust_net} trust\nhost replication all {self.trust_net} trust\n")
+        self._pg_ctl_start()
+        return self.server()
+
+    def start_standby(self, primary_host: str, primary_port: int = 5432) -> PgServer:
+        """A hot standby of the server at primary_host:primary_port (streaming replication)."""
+        r = self._run(self.bindir / "pg_basebackup", "-D", self.data, "-R", "-X", "stream", "-h", primary_host,
+                      "-p", str(primary_port), "-U", "postgres", "-c", "fast", timeout=300)
         if r.returncode != 0:
-            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stderr.strip()}\n{log}")
-        return PgServer(host=str(self.root), user="postgres")
+            raise RuntimeError(f"pg_basebackup failed ({r.returncode}): {r.stderr.strip()}")
+        self._pg_ctl_start()
+        return self.server()
+
+    def promote(self) -> None:
+        r = self._run(self.bindir / "pg_ctl", "-D", self.data, "-w", "-t", "60", "promote")
+        if r.returncode != 0:
+            raise RuntimeError(f"pg_ctl promote failed ({r.returncode}): {r.stderr.strip()}")
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster (its backends exit when they see it gone): a crash."""
+        import signal
+
+        pid = self.pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
         try:
             if (self.data / "postmaster.pid").exists():
-                self._run(self.bindir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop")
+                self._run(self.bindir / "pg_ctl", "-D", self.data, "-m", "immediate" if self.durable else "fast",
+                          "-w", "-t", "60", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
