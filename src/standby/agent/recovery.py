@@ -7,8 +7,8 @@ the replica store.
 | materialize | `{vm, disk_ids: {target: disk_id}, point?: {disk_id: point_id}, purpose: test/failover, tag}` | `{overlays: {target: path}, points: {disk_id: point_id}, tag, purpose}` |
 | release | `{tag}` | `{released: [overlay paths], points: {disk_id: point_id}}` |
 | define_vm | `{name, template_xml?, disks: {target: path}, networks?: [name or null per NIC], isolated_network?}` | `{name, uuid, power_state, existed}` |
-| start_vm | `{name}` | `{power_state, was_running}` |
-| stop_vm | `{name, timeout_seconds?: 60, force?: false}` | `{power_state, forced, was_running}` |
+| start_vm | `{name, autostart?: false}` | `{power_state, was_running}` |
+| stop_vm | `{name, timeout_seconds?: 60, force?: false, disable_autostart?: false}` | `{power_state, forced, was_running, autostart_was?}` |
 | undefine_vm | `{name}` | `{power_state: "absent", removed}` |
 | create_network | `{name}` | `{name, attach}` |
 | delete_network | `{name}` | `{name, removed}` |
@@ -360,9 +360,12 @@ def run_start_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress
 
     name = _owned(env, _name(params))
     _timeout(params, 60.0)  # accepted for symmetry: libvirt's start returns once QEMU runs
+    autostart = _bool(params, "autostart")
     info = _find_vm(env, name)
     if info is None:
         raise NotFound(f"no VM named {name} on this host")
+    if autostart:
+        env.driver().set_autostart(name, True)
     if info.state in (VmState.RUNNING, VmState.PAUSED):
         return {"power_state": info.state.value, "was_running": True}
     env.driver().start_vm(name)
@@ -376,19 +379,22 @@ def run_stop_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress)
     name = _owned(env, _name(params))
     timeout = _timeout(params, 60.0)
     force = _bool(params, "force")
+    no_autostart = _bool(params, "disable_autostart")
     info = _find_vm(env, name)
     if info is None:
         return {"power_state": "absent", "forced": False, "was_running": False}
-    if info.state not in (VmState.RUNNING, VmState.PAUSED, VmState.OTHER):
-        return {"power_state": info.state.value, "forced": False, "was_running": False}
     drv = env.driver()
+    autostart_was = drv.set_autostart(name, False) if no_autostart else None
+    extra = {"autostart_was": autostart_was} if no_autostart else {}
+    if info.state not in (VmState.RUNNING, VmState.PAUSED, VmState.OTHER):
+        return {"power_state": info.state.value, "forced": False, "was_running": False, **extra}
     if force or timeout == 0:
         drv.destroy_vm(name)
         forced = True
     else:
         progress.set(None, f"shutting down {name} (powered off after {timeout:g} s)")
         forced = drv.shutdown_vm(name, timeout) is False
-    return {"power_state": drv.vm(name).state.value, "forced": forced, "was_running": True}
+    return {"power_state": drv.vm(name).state.value, "forced": forced, "was_running": True, **extra}
 
 
 def run_undefine_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:

@@ -90,6 +90,7 @@ def abort_stale_backups(driver: Any, owns: Callable[[str], bool]) -> list[str]:
 
 
 PROBE_SECONDS = 60.0  # how often an agent with several control planes asks which is active
+FENCE_SHUTDOWN_SECONDS = 30.0  # a fenced VM's graceful shutdown, then power off
 
 
 class ControlPlaneDown(RemoteError):
@@ -307,6 +308,9 @@ class AgentRuntime:
         self._inventory_now = threading.Event()
         self._heartbeat_now = threading.Event()
         self._claim_now = threading.Event()
+        self._fence_now = threading.Event()
+        self._fence_list: list[str] = []  # this host's VMs that failed over (the control plane says)
+        self._fenced: set[str] = set()  # ... and were found off with autostart off
         self._queue: queue.Queue[RunningTask | None] = queue.Queue()
         self._lock = threading.Lock()
         self._tasks: dict[int, RunningTask] = {}  # claimed here, result not yet accepted
@@ -377,7 +381,8 @@ class AgentRuntime:
 
         self.env = TaskEnv(self.store, cfg.state_dir, self.driver, ctx, cfg.owns)
         for name, target in (("agent-heartbeat", self._heartbeat_loop), ("agent-inventory", self._inventory_loop),
-                             ("agent-tasks", self._task_loop), ("agent-cp-watch", self._control_plane_watch)):
+                             ("agent-tasks", self._task_loop), ("agent-cp-watch", self._control_plane_watch),
+                             ("agent-fence", self._fence_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(t)
         for i in range(self.workers):
@@ -415,7 +420,7 @@ class AgentRuntime:
     def stop(self) -> None:
         log.info("agent %s stopping", self.cfg.name)
         self._stop.set()
-        for event in (self._inventory_now, self._heartbeat_now, self._claim_now):
+        for event in (self._inventory_now, self._heartbeat_now, self._claim_now, self._fence_now):
             event.set()
         if self.receiver is not None:
             self.receiver.stop()
@@ -505,6 +510,10 @@ class AgentRuntime:
         self.stats["heartbeats"] += 1
         if isinstance(answer, dict):
             self.cp.check_epoch(answer.get("epoch"))
+            fence = answer.get("fence")
+            if isinstance(fence, list) and (fence or self._fence_list):
+                self._fence_list = [str(v) for v in fence if isinstance(v, str)]
+                self._fence_now.set()
             hb = answer.get("heartbeat_seconds")
             if isinstance(hb, (int, float)) and hb > 0 and hb != self.heartbeat_seconds:
                 log.info("heartbeat every %g s (control plane)", hb)
@@ -519,6 +528,49 @@ class AgentRuntime:
                 except ValueError:
                     pass
         return answer if isinstance(answer, dict) else {}
+
+    def fence(self, names: list[str]) -> None:
+        """Keep this host's failed-over VMs off: one still running (its site came back after
+        a disaster, the VM set to start with the host) is shut down, and autostart goes
+        off; each is reported once (an alert on the control plane)."""
+        from standby.drivers.base import VmState
+
+        self._fenced &= set(names)
+        for vm in names:
+            if vm in self._fenced or not self.cfg.owns(vm):
+                continue
+            try:
+                drv = self.driver()
+                info = drv.vm(vm)
+                running = info.state in (VmState.RUNNING, VmState.PAUSED, VmState.OTHER)
+                autostart_was = drv.set_autostart(vm, False)
+                if running:
+                    log.warning("VM %s failed over to the secondary but runs here: shutting it down (fencing)", vm)
+                    if drv.shutdown_vm(vm, FENCE_SHUTDOWN_SECONDS) is False:
+                        log.warning("VM %s did not shut down within %g s: powered off", vm, FENCE_SHUTDOWN_SECONDS)
+                elif autostart_was:
+                    log.warning("VM %s failed over to the secondary: its autostart here is turned off", vm)
+                self.cp.call("POST", "/agent/fenced", {"vm": vm, "was_running": running,
+                                                       "autostart_was": autostart_was})
+            except NotFound:
+                self._fenced.add(vm)  # not on this host (any more): nothing can run
+                continue
+            except StandbyError as exc:
+                self._refused(f"fencing {vm}", exc.message)
+                continue
+            self._refused(f"fencing {vm}", None)
+            self._fenced.add(vm)
+
+    def _fence_loop(self) -> None:
+        while not self._stop.is_set():
+            self._fence_now.wait(5.0)
+            self._fence_now.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.fence(list(self._fence_list))
+            except Exception:  # noqa: BLE001 - a bug must not stop the fencing loop
+                log.exception("fencing failed")
 
     def report_break_glass(self) -> None:
         """Report break-glass failovers run on this host while no control plane answered

@@ -145,6 +145,13 @@ class HeartbeatOut(BaseModel):
     heartbeat_seconds: float
     server_time: datetime
     epoch: int | None = None  # the control plane's epoch: agents do not follow a lower one
+    fence: list[str] = Field(default_factory=list)  # VMs of this host that failed over: keep them off
+
+
+class FencedIn(AgentRequest):
+    vm: str = Field(min_length=1, max_length=200)
+    was_running: bool
+    autostart_was: bool | None = None
 
 
 class BreakGlassIn(AgentRequest):

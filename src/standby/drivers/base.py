@@ -122,6 +122,11 @@ class HypervisorDriver(Protocol):
 
     def start_vm(self, name: str) -> None: ...
 
+    def set_autostart(self, name: str, on: bool) -> bool:
+        """Whether the host starts the VM when it boots (the previous setting is returned):
+        a failed-over source is kept from starting again when its host comes back."""
+        ...
+
     def shutdown_vm(self, name: str, timeout: float = 60.0) -> None:
         """Graceful shutdown, forced off after `timeout` seconds."""
         ...

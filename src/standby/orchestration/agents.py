@@ -167,3 +167,38 @@ def sync_inventory(
     result.vms_updated = [v for v in result.vms_updated if v.split("/", 1)[0] not in kept_names]
     return result
 
+
+
+# Where the production VM runs on the secondary and must not run on the primary: a primary
+# agent keeps these VMs off (`fenced_vms`): a site that comes back after a disaster, its
+# VMs still defined and perhaps set to start with the host, never runs one beside its
+# replica.
+FENCED_STATES = ("commit_pending", "failed_over", "reverse_replicating")
+FENCE_ALERT = "source_fenced"
+
+
+def fenced_vms(session: Session, agent: Agent) -> list[str]:
+    """The VMs of this agent's host that failed over: it must keep them shut down."""
+    from standby.store.models import ProtectedItem
+
+    q = (select(Vm.name).join(ProtectedItem, ProtectedItem.vm_id == Vm.id).join(Host, Host.id == Vm.host_id)
+         .where(Host.name == agent.host_name, ProtectedItem.state.in_(FENCED_STATES)).order_by(Vm.name))
+    return list(session.scalars(q))
+
+
+def record_fenced(session: Session, agent: Agent, vm: str, *, was_running: bool, autostart_was: bool | None,
+                  now: datetime | None = None) -> None:
+    """An agent stopped (or kept off) a failed-over VM on its host: say so with an alert."""
+    from standby.store.models import ProtectedItem
+
+    item = session.scalars(select(ProtectedItem).join(Vm, Vm.id == ProtectedItem.vm_id).join(
+        Host, Host.id == Vm.host_id).where(Vm.name == vm, Host.name == agent.host_name)).first()
+    if item is None or item.state not in FENCED_STATES:
+        raise Refused(f"VM {vm} on host {agent.host_name} is not failed over: nothing to fence")
+    what = ("was running on its old host after the failover and was shut down" if was_running
+            else "is kept shut down on its old host")
+    auto = " (its autostart was on: turned off)" if autostart_was else ""
+    alerts.raise_alert(session, kind=FENCE_ALERT, severity="warning" if was_running else "info",
+                       subject=f"item:{vm}", item_id=item.id, agent_id=agent.id, now=now_or(now),
+                       message=f"{vm} {what} by agent {agent.name}{auto}: it runs on the secondary; reverse "
+                               "replication overwrites what the old copy wrote since its last point")

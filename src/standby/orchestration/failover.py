@@ -596,30 +596,66 @@ class _Run:
     def _power(self, a: Action, op: Op, site: Site, vm: str, replica: str) -> None:
         name = vm if site is Site.PRIMARY else replica
         if op is Op.START_VM:
-            self.task(a, site, "start_vm", {"name": name, "timeout_seconds": STOP_TIMEOUT})
+            # the VM starts with its host again as it did before the switch (if it did)
+            autostart = bool(self._autostart_was().get(name))
+            self.task(a, site, "start_vm", {"name": name, "timeout_seconds": STOP_TIMEOUT,
+                                            **({"autostart": True} if autostart else {})})
             return
+        # A VM stopped for a switch must not start again with its host (a site that comes
+        # back after a disaster would run it beside its replica): autostart off.
+        stop = {"name": name, "disable_autostart": True}
         if op is not Op.FENCE_SOURCE:
-            self.task(a, site, "stop_vm", {"name": name, "timeout_seconds": STOP_TIMEOUT})
+            self._stopped(self.task(a, site, "stop_vm", {**stop, "timeout_seconds": STOP_TIMEOUT}), name)
             return
         # Power off if the source answers, else record it as lost (the operator's declaration).
-        with self.store.read() as s:
-            try:
-                agent = self._agent(s, site)
-                seen = agent.last_heartbeat_at or agent.registered_at
-                alive = (utcnow() - seen).total_seconds() <= self.ctx.settings.heartbeat_timeout
-            except Refused:
-                alive = False
-        if not alive:
+        if not self._source_answers(site):
             self.extra["declared_lost"] = True
-            self._note(a, f"the {site} agent is unreachable: the source is declared lost")
+            self._note(a, f"the {site} agent is unreachable: the source is declared lost (its agent fences it "
+                          "if its site comes back)")
             return
         deadline = float(self.ctx.payload.get("fence_timeout") or FENCE_DEADLINE)
         try:
-            self.task(a, site, "stop_vm", {"name": name, "timeout_seconds": min(STOP_TIMEOUT, deadline)},
-                      deadline=deadline)
+            self._stopped(self.task(a, site, "stop_vm", {**stop, "timeout_seconds": min(STOP_TIMEOUT, deadline)},
+                                    deadline=deadline), name)
         except RemoteError as e:
             self.extra["declared_lost"] = True
             self._note(a, f"the source did not power off ({e.message}): declared lost")
+
+    def _source_answers(self, site: Site) -> bool:
+        """Whether the source's agent is heard from by this control plane. A heartbeat from
+        before this control plane became active (a promotion after a site loss) proves
+        nothing: it waits up to two heartbeat intervals for a fresh one, then says no."""
+        settings = self.ctx.settings
+        end = time.monotonic() + 2 * float(settings.heartbeat_seconds or 10.0)
+        while True:
+            with self.store.read() as s:
+                try:
+                    agent = self._agent(s, site)
+                except Refused:
+                    return False
+                seen = agent.last_heartbeat_at or agent.registered_at
+            if seen is None or (utcnow() - seen).total_seconds() > settings.heartbeat_timeout:
+                return False
+            if seen >= settings.started_at:
+                return True
+            if time.monotonic() > end:
+                return False
+            if self.ctx.runner.wait_stopping(0.5):
+                raise RunnerStopping()
+
+    def _autostart_was(self) -> dict[str, bool]:
+        with self.store.read() as s:
+            return dict((items.get(s, self.item_id).details or {}).get("autostart_was") or {})
+
+    def _stopped(self, result: dict[str, Any], name: str) -> None:
+        """Remember a VM's autostart setting the first time a switch turns it off."""
+        if result.get("autostart_was") is None or name in self._autostart_was():
+            return
+        with self.store.transaction() as s:
+            item = items.get(s, self.item_id, lock=True)
+            details = dict(item.details or {})
+            details["autostart_was"] = {**(details.get("autostart_was") or {}), name: bool(result["autostart_was"])}
+            item.details = details
 
     def _rechoosable(self) -> bool:
         """The point was chosen by a rule (latest ...), not named, nor a final sync's."""
@@ -745,9 +781,16 @@ class _Run:
                                                      limit=50)
                          if t.params.get("force_hash_scan") and since_t is not None and t.created_at >= since_t]
                 moved = sum(int((t.result or {}).get("bytes_sent", 0) or 0) for t in scans)
+                blocks = sum(int(((d.get("result") or {}).get("data_blocks")) or 0)
+                             for t in scans for d in (t.result or {}).get("disks") or [] if isinstance(d, dict))
             done = (details.get("reverse_in_sync") if reverse else state is State.PROTECTED) and scans
             if done:
                 info["bytes"] = moved
+                info["blocks"] = blocks
+                where = "the primary" if reverse else "the secondary"
+                self._note(a, f"{blocks} block(s) differed and were sent to {where} (the other blocks already "
+                              "matched: no full copy); writes the old copy made after its last point are "
+                              "overwritten")
                 return
             if reverse and state is not State.REVERSE_REPLICATING:
                 raise Refused(f"reverse replication stopped: the item is {state.value}")

@@ -78,17 +78,30 @@ def heartbeat(
     role = getattr(services, "role", None)
     view = role.last_view if role is not None else None
     with store.transaction() as s:
+        agent = _agent_row(s, ident)
         agents_svc.heartbeat(
             s,
-            _agent_row(s, ident),
+            agent,
             version=body.version,
             storage_free_bytes=body.storage_free_bytes,
             storage_total_bytes=body.storage_total_bytes,
             facts=body.facts,
             now=now,
         )
+        fence = agents_svc.fenced_vms(s, agent)
     return schemas.HeartbeatOut(heartbeat_seconds=settings.heartbeat_seconds, server_time=now,
-                                epoch=view.epoch if view is not None else None)
+                                epoch=view.epoch if view is not None else None, fence=fence)
+
+
+@agent_router.post("/fenced", response_model=schemas.Empty)
+def fenced(body: schemas.FencedIn, ident: AgentIdentity = Depends(require_agent),
+           store: Store = Depends(deps.store)) -> schemas.Empty:
+    """The agent stopped (or kept off) a failed-over VM on its host (the heartbeat's
+    `fence` list): an alert says so."""
+    with store.transaction() as s:
+        agents_svc.record_fenced(s, _agent_row(s, ident), body.vm, was_running=body.was_running,
+                                 autostart_was=body.autostart_was)
+    return schemas.Empty()
 
 
 @agent_router.put("/inventory", response_model=schemas.SyncOut)

@@ -491,6 +491,15 @@ def start_vm(conn: Any, name: str) -> None:
     call(f"start VM {name}", dom.create)
 
 
+def set_autostart(conn: Any, name: str, on: bool) -> bool:
+    """Set whether libvirtd starts the VM with the host; returns the previous setting."""
+    dom = _lookup(conn, name)
+    before = bool(call(f"VM {name}: autostart", dom.autostart))
+    if before != on:
+        call(f"VM {name}: set autostart", dom.setAutostart, 1 if on else 0)
+    return before
+
+
 def _active(dom: Any) -> bool:
     try:
         return bool(dom.isActive())

@@ -132,6 +132,12 @@ class LibvirtDriver:
 
         start_vm(self.conn, name)
 
+    def set_autostart(self, name: str, on: bool) -> bool:
+        """Whether the host starts the VM when it boots; returns the previous setting."""
+        from standby.drivers.libvirt.domains import set_autostart
+
+        return set_autostart(self.conn, name, on)
+
     def shutdown_vm(self, name: str, timeout: float = 60.0) -> bool:
         """Graceful shutdown, powered off at `timeout`; True when the guest stopped by itself."""
         from standby.drivers.libvirt.domains import shutdown_vm
