@@ -39,6 +39,7 @@ class TwoSites:
         self.dev = {"a": f"{prefix}va{n}"[:15], "b": f"{prefix}vb{n}"[:15]}
         self.addr_a, self.addr_b = "10.213.0.1", "10.213.0.2"
         self.rate_mbit = rate_mbit
+        self._admin: dict[str, tuple[str, str]] = {}  # site -> (host end, namespace end) of its admin link
 
     def addr(self, site: str) -> str:
         return self.addr_a if site == "a" else self.addr_b
@@ -76,6 +77,43 @@ class TwoSites:
         for site in ("a", "b"):
             _ip("-n", self.ns[site], "link", "set", self.dev[site], "up")
 
+    def admin_link(self, site: str) -> str:
+        """A link from this machine's own namespace into `site` (an operator's way in, apart
+        from the link between the sites); returns the site's address on it."""
+        k = 1 if site == "a" else 2
+        host_dev, ns_dev = f"{self.dev[site]}h"[:15], f"{self.dev[site]}n"[:15]
+        _ip("link", "add", host_dev, "type", "veth", "peer", "name", ns_dev)
+        _ip("link", "set", ns_dev, "netns", self.ns[site])
+        _ip("addr", "add", f"10.213.{k}.1/24", "dev", host_dev)
+        _ip("link", "set", host_dev, "up")
+        _ip("-n", self.ns[site], "addr", "add", f"10.213.{k}.2/24", "dev", ns_dev)
+        _ip("-n", self.ns[site], "link", "set", ns_dev, "up")
+        self._admin[site] = (host_dev, ns_dev)
+        return f"10.213.{k}.2"
+
+    def isolate(self, site: str) -> None:
+        """The site drops off the network: the link between the sites and its admin link go down."""
+        self.cut()
+        if site in self._admin:
+            _ip("-n", self.ns[site], "link", "set", self._admin[site][1], "down")
+
+    def reconnect(self, site: str) -> None:
+        self.mend()
+        if site in self._admin:
+            _ip("-n", self.ns[site], "link", "set", self._admin[site][1], "up")
+
+    def kill_all(self, site: str) -> list[int]:
+        """SIGKILL every process of the site's namespace (its hosts lost power)."""
+        killed = []
+        pids = subprocess.run(["ip", "netns", "pids", self.ns[site]], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+                killed.append(int(pid))
+            except (ProcessLookupError, ValueError):
+                pass
+        return killed
+
     def command(self, site: str, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns[site], *argv]
 
@@ -88,6 +126,8 @@ class TwoSites:
         return subprocess.Popen(self.command(site, argv), **kw)
 
     def close(self) -> None:
+        for host_dev, _ns_dev in self._admin.values():
+            subprocess.run(["ip", "link", "delete", host_dev], capture_output=True)
         for site in ("a", "b"):
             pids = subprocess.run(["ip", "netns", "pids", self.ns[site]], capture_output=True, text=True).stdout.split()
             for pid in pids:
