@@ -444,6 +444,14 @@ class KillScenario:
         if target == "commit":
             window *= 0.6  # a commit's length varies: aim at its first part, or most land after it
         bwlimit = None
+        lo, hi = 0.0, 1.0  # where in the window the kill lands
+        if target == "data" and mode == "seed":
+            # An initial seed on loopback is over in a fraction of a second, and how long
+            # varies with the machine's load: at 8 MiB/s its 32 MiB of data take 4 s, and a
+            # kill in the middle half of that lands in the transfer, after a checkpoint
+            # made staged blocks durable (the case that must resume).
+            bwlimit = "8MiB/s"
+            window, lo, hi = KILL_IMAGE_SIZE / 2 / (8 * MiB), 0.25, 0.75
         if target == "data" and mode != "seed":
             # A delta's few hundred KiB fit in the socket buffers: the sender would be done
             # sending long before the agent has read them. At 1 MiB/s (256 KiB burst) the
@@ -473,7 +481,7 @@ class KillScenario:
         assert time.monotonic() < deadline, f"{mode} cycle never reached {target}"
         kill_t = None
         if t_trig is not None:
-            delay = self.rng.uniform(0, window)
+            delay = self.rng.uniform(lo * window, hi * window)
             pause = t_trig + delay - time.monotonic()
             if pause > 0:
                 time.sleep(pause)

@@ -604,6 +604,8 @@ class _Run:
         # A VM stopped for a switch must not start again with its host (a site that comes
         # back after a disaster would run it beside its replica): autostart off.
         stop = {"name": name, "disable_autostart": True}
+        if op is Op.SHUT_DOWN_VM and self.wf.kind is Kind.UNPLANNED_FAILOVER:
+            self._source_must_answer(site)  # the optional "try to shut down": no wait on a lost site
         if op is not Op.FENCE_SOURCE:
             self._stopped(self.task(a, site, "stop_vm", {**stop, "timeout_seconds": STOP_TIMEOUT}), name)
             return
@@ -620,6 +622,11 @@ class _Run:
         except RemoteError as e:
             self.extra["declared_lost"] = True
             self._note(a, f"the source did not power off ({e.message}): declared lost")
+
+    def _source_must_answer(self, site: Site) -> None:
+        if not self._source_answers(site):
+            raise RemoteError(f"the {site} agent does not answer (its site may be lost): skipped, the failover "
+                              "goes on from the secondary's latest recovery point")
 
     def _source_answers(self, site: Site) -> bool:
         """Whether the source's agent is heard from by this control plane. A heartbeat from
@@ -702,9 +709,11 @@ class _Run:
                 raise RunnerStopping()
 
     def _final_sync(self, a: Action, it: dict[str, Any], replica: str) -> None:
-        self._quiesce_cycles()
         source = a.site
         assert source is not None
+        if self.wf.kind is Kind.UNPLANNED_FAILOVER:
+            self._source_must_answer(source)
+        self._quiesce_cycles()
         if source is Site.PRIMARY:
             peer, vm = it["secondary"], it["vm"]
             extra: dict[str, Any] = {}
