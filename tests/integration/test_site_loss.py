@@ -209,6 +209,8 @@ def test_site_a_lost_promote_site_b_and_run_the_plan(world: World) -> None:
     for short in NAMES:
         assert w.running(w.replica(short))
     rto = time.time() - t_declare
+    # the plan reports its RTO from the declaration (the promotion), not from its own start
+    assert job["result"]["rto_from"] == "promotion" and 0 < job["result"]["rto_seconds"] <= rto + 1, job["result"]
     lost = {}
     for short in NAMES:
         item = w.item(short)

@@ -164,7 +164,7 @@ def failover(cfg: AgentConfig, vm: str, *, point: str = "latest", network: str |
                 raise Refused(f"the standby control plane at {url} answers: promote it (standby server promote "
                               f"on its host) and fail {vm} over through it, not by breaking glass")
             raise Refused(f"the control plane at {url} answers: fail {vm} over through it (standby failover "
-                          f"{vm} --unplanned, or a recovery plan); break glass only when none answers")
+                          f"{vm} --type unplanned, or a recovery plan); break glass only when none answers")
         say(f"no control plane answers ({', '.join(cfg.urls)}): failing over from the replica store alone")
     env = env or task_env(cfg)
     replica = replica_vm_name(cfg.vm_prefix, vm)

@@ -259,6 +259,15 @@ class TwoSiteDeployment:
 
         self.wait_for(heard, timeout, f"agent {name} to send a heartbeat", log=a.process)
 
+        def listed() -> bool:  # its first inventory follows the first libvirt connection
+            try:
+                hosts = self.client(self.active()).get("/hosts", params={"cloud": a.cloud})["items"]
+            except (StandbyError, DeploymentError):
+                return False
+            return any(h.get("name") == name for h in hosts)
+
+        self.wait_for(listed, timeout, f"agent {name}'s inventory", log=a.process)
+
     # ------------------------------------------------------------------ the disaster and after
 
     def lose_site(self, site: str) -> list[int]:
@@ -273,7 +282,9 @@ class TwoSiteDeployment:
                 except subprocess.TimeoutExpired:
                     pass
                 p.popen = None
-        self._clients.pop(site, None)
+        c = self._clients.pop(site, None)
+        if c is not None:
+            c.close()
         self.note(f"site {site} lost: {len(killed)} processes killed, links cut")
         return killed
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ __all__ = [
     "list_plans",
     "run_plan",
 ]
+
+# A plan run this long after this control plane's promotion is the disaster's recovery:
+# its RTO counts from the promotion (the declaration), else from the plan's own start.
+DECLARATION_WINDOW = timedelta(hours=24)
 
 log = logging.getLogger("standby.plans")
 
@@ -245,8 +250,25 @@ class _PlanRun:
             failures = "; ".join(f"step {n}: {self.info.get(str(n), {}).get('error')}" for n in nxt.failed)
             raise Refused(f"recovery plan {self.name}: {nxt.message} ({failures})", details={"failed": list(nxt.failed)})
 
+    def rto(self) -> dict[str, Any]:
+        """The plan's RTO: seconds from the declaration of the disaster (this control plane's
+        promotion, when it came within DECLARATION_WINDOW before the plan) or else from the
+        plan's start, to now (every VM of the plan running)."""
+        from standby.orchestration.role import read_state
+
+        with self.store.read() as s:
+            started = jobs.get(s, self.ctx.job_id).started_at or utcnow()
+        st = read_state(self.store)
+        since = st.active_since if st is not None and st.epoch > 1 else None
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=started.tzinfo)
+        if since is not None and timedelta(0) <= started - since <= DECLARATION_WINDOW:
+            return {"rto_seconds": round((utcnow() - since).total_seconds(), 1), "rto_from": "promotion",
+                    "declared_at": since.isoformat()}
+        return {"rto_seconds": round((utcnow() - started).total_seconds(), 1), "rto_from": "plan start"}
+
     def result(self, done: PlanDone) -> dict[str, Any]:
-        return {"plan": self.name, "type": self.ftype.value, "ok": done.ok, "message": done.message,
+        return {"plan": self.name, "type": self.ftype.value, "ok": done.ok, "message": done.message, **self.rto(),
                 "failed": list(done.failed), "not_run": list(done.not_run), "skipped": list(self.ctx.payload.get("skip")
                                                                                          or []),
                 "steps": [{**st.as_dict(), "status": status.value, **self.info.get(str(st.number), {})}
