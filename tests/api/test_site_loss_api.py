@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from standby.orchestration.replicate import disk_id_for
 
@@ -99,3 +100,23 @@ def test_a_break_glass_failover_of_an_item_already_switched_is_a_conflict(cp: Co
     # a VM that is not failed over cannot be reported fenced
     r = agent_b.post("/agent/fenced", json={"vm": "web01", "was_running": False})
     assert r.status_code == 409
+
+
+def test_break_glass_is_refused_while_a_control_plane_answers(cp: ControlPlane, tmp_path: Path) -> None:
+    from standby.agent import breakglass
+    from standby.agent.config import AgentConfig
+    from standby.errors import Refused
+
+    from api_helpers import register
+
+    _answer, (crt, key) = register(cp, tmp_path, "agent-b", host="kvm-b", cloud="cloud-b")
+    data = tmp_path / "agent-b"
+    (data / "ca.crt").write_bytes(cp.ca_cert.read_bytes())
+    cfg = AgentConfig(data_dir=data, name="agent-b", server_url=cp.url, site="site-b", server="sm-b",
+                      cloud="cloud-b", host="kvm-b", listen="127.0.0.1:7443",
+                      standby_urls=["https://127.0.0.1:1"])  # a second one that is down
+    assert (crt, key) == (cfg.cert_path, cfg.key_path)
+    assert breakglass.answering_control_planes(cfg) == [(cp.url, "active")]
+    with pytest.raises(Refused, match=f"the control plane at {cp.url} answers"):
+        breakglass.failover(cfg, "web01")
+    assert breakglass.load(cfg, "web01") is None  # nothing was started, nothing recorded

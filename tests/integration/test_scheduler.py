@@ -392,7 +392,7 @@ def test_a_restarted_control_plane_gives_agents_one_timeout_to_report_in(store: 
     """The agents' last heartbeats are old because the control plane was down, not the
     agents: no heartbeat_lost alert, and hosts stay live for readiness and dispatch, until
     one heartbeat_timeout after the start; an agent silent after that is lost."""
-    fab = _fabric(store, point_at=T0)  # agents last heard from at T0
+    _fabric(store, point_at=T0)  # agents last heard from at T0
     settings = ServerSettings(data_dir=tmp_path, heartbeat_seconds=10, heartbeat_timeout=30,
                               task_deadline_seconds=600, started_at=at(600))  # down for ten minutes
     sched = Scheduler(store, settings)

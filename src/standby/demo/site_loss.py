@@ -303,7 +303,7 @@ class SiteLossDrill:
                 if lost[short]:
                     raise DrillFailed(f"failback of {self.vm(short)} lost {lost[short]} records")
             for short in self.names:
-                self.d.wait_for(lambda s=short: self.item(s)["state"] == "protected", 300, f"{s} protected again")
+                self.d.wait_for(lambda s=short: self.item(s)["state"] == "protected", 300, f"{short} protected again")
             detail.append(f"records lost {lost}; protected again")
         out = {"reverse_bytes": moved, "reverse_blocks": blocks, "failback_records_lost": lost, "fenced": old}
         self.figures["return"] = out
@@ -340,7 +340,7 @@ class SiteLossDrill:
         with self.stage("a control plane answers again: the break-glass failovers are taken in") as detail:
             self.d._start_cp("b")
             for short in self.names:
-                self.d.wait_for(lambda s=short: self.item(s)["state"] == "commit_pending", 60, f"{s} reconciled")
+                self.d.wait_for(lambda s=short: self.item(s)["state"] == "commit_pending", 60, f"{short} reconciled")
             jobs = [self.item(s)["details"]["failover"]["job"] for s in self.names]
             detail.append(f"items commit pending; jobs {jobs}")
         out = {"rto_seconds": round(rto, 1), "records_lost": lost, "records": recs, "jobs": jobs}
