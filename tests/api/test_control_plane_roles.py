@@ -18,7 +18,7 @@ import pytest
 
 from standby.api.server import ControlPlaneServer, init_data_dir
 from standby.cli.main import run
-from standby.testing.postgres import PgCluster, find_pg_bindir, reason_unavailable
+from standby.testing.postgres import PgCluster, reason_unavailable, replicated_pair
 
 from api_helpers import ControlPlane, error_of, fast_settings  # noqa: E402
 
@@ -35,25 +35,12 @@ def _wait(pred: Any, timeout: float, what: str) -> Any:
 
 @pytest.fixture
 def pg_pair() -> Iterator[tuple[PgCluster, PgCluster, str, str]]:
-    """A primary and its hot standby, with one database; (primary, standby, primary URL,
-    standby URL)."""
+    """A primary and its hot standby, with one database."""
     why = reason_unavailable()
     if why:
         pytest.skip(why)
-    bindir = find_pg_bindir()
-    assert bindir is not None
-    primary = PgCluster(bindir, replication=True, durable=True)
-    standby: PgCluster | None = None
-    try:
-        server = primary.start()
-        url = server.create_database("standby_roles")
-        standby = PgCluster(bindir, replication=True, durable=True)
-        standby.start_standby(str(primary.root), primary.port)
-        yield primary, standby, url, standby.server().url("standby_roles")
-    finally:
-        if standby is not None:
-            standby.stop()
-        primary.stop()
+    with replicated_pair("standby_roles") as pair:
+        yield pair
 
 
 def _health(cp: ControlPlane) -> dict[str, Any]:

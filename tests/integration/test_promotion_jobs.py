@@ -28,7 +28,7 @@ from standby.orchestration.scheduler import Scheduler  # noqa: E402
 from standby.orchestration.settings import ServerSettings  # noqa: E402
 from standby.store import open_store  # noqa: E402
 from standby.store.repo import jobs  # noqa: E402
-from standby.testing.postgres import PgCluster, find_pg_bindir, reason_unavailable  # noqa: E402
+from standby.testing.postgres import PgCluster, reason_unavailable, replicated_pair  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgresql]
 
@@ -44,20 +44,8 @@ def pair() -> Iterator[tuple[PgCluster, PgCluster, str, str]]:
     why = reason_unavailable()
     if why:
         pytest.skip(why)
-    bindir = find_pg_bindir()
-    assert bindir is not None
-    primary = PgCluster(bindir, replication=True, durable=True)
-    standby: PgCluster | None = None
-    try:
-        url = primary.start().create_database("standby_promo")
-        open_store(url).close()  # migrated on the primary, replayed by the standby
-        standby = PgCluster(bindir, replication=True, durable=True)
-        standby.start_standby(str(primary.root), primary.port)
-        yield primary, standby, url, standby.server().url("standby_promo")
-    finally:
-        if standby is not None:
-            standby.stop()
-        primary.stop()
+    with replicated_pair("standby_promo") as (primary, standby, url_a, url_b):
+        yield primary, standby, url_a, url_b
 
 
 def _job_states(store: Any, ids: list[int]) -> dict[int, tuple[str, str | None]]:
@@ -67,6 +55,7 @@ def _job_states(store: Any, ids: list[int]) -> dict[int, tuple[str, str | None]]
 
 def test_jobs_in_flight_survive_a_promotion(tmp_path: Path, pair: Any) -> None:
     primary, standby, url_a, url_b = pair
+    open_store(url_a).close()  # migrated on the primary, replayed by the standby
     settings = ServerSettings(data_dir=tmp_path, tick_seconds=0.05, heartbeat_seconds=1, heartbeat_timeout=3600,
                               runner_workers=4)
     store_a = open_store(url_a)

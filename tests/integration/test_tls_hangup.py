@@ -43,16 +43,11 @@ def _block(i: int) -> bytes:
     return (i.to_bytes(4, "big") * (BLOCK_SIZE // 4))
 
 
-def test_receiver_stop_mid_frame_is_a_lost_connection_not_corruption(
-        tmp_path: Path, pki: dict[str, tls.Identity], monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """The stream's thread is held inside its first DATA frame while 4 MiB more of
-    frames wait in the kernel; the receiver is stopped (its sockets hung up from another
-    thread) and then the thread goes on. It must read only what TLS decrypts, then the
-    end of the stream: a lost connection, never a checksum or framing error."""
-    entered, release, hung_up = threading.Event(), threading.Event(), threading.Event()
+def _hold_first_data(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """The injected delay: the first DATA frame a receiver gets holds its stream's thread
+    (inside the frame's handling) until `release` is set; `entered` says it got there."""
+    entered, release = threading.Event(), threading.Event()
     real_on_data = receiver_mod._Connection.on_data
-    real_shutdown = socket.socket.shutdown
 
     def held_on_data(self: receiver_mod._Connection, msg: Data) -> None:
         if not entered.is_set():
@@ -60,33 +55,54 @@ def test_receiver_stop_mid_frame_is_a_lost_connection_not_corruption(
             assert release.wait(30)
         real_on_data(self, msg)
 
+    monkeypatch.setattr(receiver_mod._Connection, "on_data", held_on_data)
+    return entered, release
+
+
+def _open_stream(port: int, ident: tls.Identity, disk: str, cycle: str,
+                 blocks: int) -> tuple[ssl.SSLSocket, threading.Thread]:
+    """Stream 0 of a seed of `blocks` blocks: HELLO and CYCLE_BEGIN answered, then a thread
+    sending every DATA frame (it stops when the agent hangs up)."""
+    s = tls_client(ident, port, ident.ca)
+    f = s.makefile("rb")
+    s.sendall(Hello(disk, blocks * BLOCK_SIZE, BLOCK_SIZE).encode())
+    assert isinstance(read_frame(f), HelloOk)
+    s.sendall(CycleBegin(cycle, None, 0, 1).encode())
+    assert isinstance(read_frame(f), Ack)
+
+    def send_all() -> None:
+        try:
+            for i in range(blocks):
+                data = _block(i)
+                s.sendall(Data(i * BLOCK_SIZE, BLOCK_SIZE, xxhash.xxh3_128_digest(data), data).encode())
+        except OSError:
+            pass  # the agent hung up: expected
+
+    writer = threading.Thread(target=send_all, daemon=True)
+    writer.start()
+    return s, writer
+
+
+def test_receiver_stop_mid_frame_is_a_lost_connection_not_corruption(
+        tmp_path: Path, pki: dict[str, tls.Identity], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stream's thread is held inside its first DATA frame while 4 MiB more of
+    frames wait in the kernel; the receiver is stopped (its sockets hung up from another
+    thread) and then the thread goes on. It must read only what TLS decrypts, then the
+    end of the stream: a lost connection, never a checksum or framing error."""
+    entered, release = _hold_first_data(monkeypatch)
+    hung_up = threading.Event()
+    real_shutdown = socket.socket.shutdown
+
     def shutdown_seen(sock: socket.socket, how: int) -> None:
         real_shutdown(sock, how)
         if isinstance(sock, ssl.SSLSocket) and how == socket.SHUT_RDWR:
             hung_up.set()
 
-    monkeypatch.setattr(receiver_mod._Connection, "on_data", held_on_data)
     monkeypatch.setattr(socket.socket, "shutdown", shutdown_seen)
     caplog.set_level(logging.INFO, logger="standby")
-    blocks = 64
     with running_agent(tmp_path / "store", pki["agent"], error_linger=0.5) as rx:
-        s = tls_client(pki["sender"], rx.address[1], pki["sender"].ca)
-        f = s.makefile("rb")
-        s.sendall(Hello("hd", blocks * BLOCK_SIZE, BLOCK_SIZE).encode())
-        assert isinstance(read_frame(f), HelloOk)
-        s.sendall(CycleBegin("cyc-hangup", None, 0, 1).encode())
-        assert isinstance(read_frame(f), Ack)
-
-        def send_all() -> None:
-            try:
-                for i in range(blocks):
-                    data = _block(i)
-                    s.sendall(Data(i * BLOCK_SIZE, BLOCK_SIZE, xxhash.xxh3_128_digest(data), data).encode())
-            except OSError:
-                pass  # the agent hung up: expected once it stops
-
-        writer = threading.Thread(target=send_all, daemon=True)
-        writer.start()
+        s, writer = _open_stream(rx.address[1], pki["sender"], "hd", "cyc-hangup", 64)
         assert entered.wait(30)
         time.sleep(0.2)  # let the client's frames reach the agent's socket buffer
         stopper = threading.Thread(target=rx.stop, daemon=True)
@@ -109,38 +125,13 @@ def test_receiver_take_over_keeps_the_stale_stream_on_tls(
     """The same through the take-over path: a new stream 0 from the same certificate
     takes over a session whose stream is held inside a DATA frame (quiet), with frames
     still queued behind it."""
-    entered, release = threading.Event(), threading.Event()
-    real_on_data = receiver_mod._Connection.on_data
-
-    def held_on_data(self: receiver_mod._Connection, msg: Data) -> None:
-        if not entered.is_set():
-            entered.set()
-            assert release.wait(30)
-        real_on_data(self, msg)
-
-    monkeypatch.setattr(receiver_mod._Connection, "on_data", held_on_data)
+    entered, release = _hold_first_data(monkeypatch)
     caplog.set_level(logging.INFO, logger="standby")
     blocks = 64
     size = blocks * BLOCK_SIZE
     with running_agent(tmp_path / "store", pki["agent"], takeover_quiet=0.2, join_timeout=20.0,
                        error_linger=0.5) as rx:
-        s = tls_client(pki["sender"], rx.address[1], pki["sender"].ca)
-        f = s.makefile("rb")
-        s.sendall(Hello("tk", size, BLOCK_SIZE).encode())
-        assert isinstance(read_frame(f), HelloOk)
-        s.sendall(CycleBegin("cyc-stale", None, 0, 1).encode())
-        assert isinstance(read_frame(f), Ack)
-
-        def send_all() -> None:
-            try:
-                for i in range(blocks):
-                    data = _block(i)
-                    s.sendall(Data(i * BLOCK_SIZE, BLOCK_SIZE, xxhash.xxh3_128_digest(data), data).encode())
-            except OSError:
-                pass
-
-        writer = threading.Thread(target=send_all, daemon=True)
-        writer.start()
+        s, writer = _open_stream(rx.address[1], pki["sender"], "tk", "cyc-stale", blocks)
         assert entered.wait(30)
         time.sleep(0.4)  # quiet for longer than takeover_quiet
         new = tls_client(pki["sender"], rx.address[1], pki["sender"].ca)

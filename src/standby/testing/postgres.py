@@ -20,6 +20,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,3 +215,23 @@ def server_from_url(url: str) -> PgServer:
     u = make_url(url)
     host = u.host or str(u.query.get("host", "/var/run/postgresql"))
     return PgServer(host=host, user=u.username or "postgres", port=u.port or 5432, password=u.password)
+
+
+@contextmanager
+def replicated_pair(database: str) -> Iterator[tuple[PgCluster, PgCluster, str, str]]:
+    """A durable primary with `database` and its hot standby (streaming replication, unix
+    sockets): (primary, standby, primary URL, standby URL). Both are removed at the end."""
+    bindir = find_pg_bindir()
+    if bindir is None:
+        raise RuntimeError(reason_unavailable() or "no PostgreSQL server binaries")
+    primary = PgCluster(bindir, replication=True, durable=True)
+    standby: PgCluster | None = None
+    try:
+        url = primary.start().create_database(database)
+        standby = PgCluster(bindir, replication=True, durable=True)
+        standby.start_standby(str(primary.root), primary.port)
+        yield primary, standby, url, standby.server().url(database)
+    finally:
+        if standby is not None:
+            standby.stop()
+        primary.stop()
