@@ -448,6 +448,8 @@ def test_status_renders_counts_and_items(capsys: pytest.CaptureFixture[str], scr
         "agents": [{"name": "kvm1", "state": "active", "last_heartbeat_at": now.isoformat(), "heartbeat_ok": True},
                    {"name": "kvm2", "state": "active", "last_heartbeat_at": None, "heartbeat_ok": False}],
         "open_alerts": 1, "running_jobs": 0})
+    script.routes[("GET", "/health")] = (200, {"status": "ok", "version": "0.1", "role": "active", "name": "cp-b",
+                                               "epoch": 2, "active_url": "https://cp-b:8443", "reason": None})
     script.routes[("GET", "/items")] = (200, {"items": [
         {**ITEM, "state": "protected", "rpo_seconds": 42.0,
          "last_recovery_point_at": (now - dt.timedelta(seconds=40)).isoformat(), "bytes_replicated": 3 * 2**30},
@@ -455,7 +457,8 @@ def test_status_renders_counts_and_items(capsys: pytest.CaptureFixture[str], scr
          "health_reason": "resynchronization required"}]})
     rc, out, _err = invoke(capsys, "status", "--url", url)
     assert rc == 0
-    for part in ("items", "2 (normal 1, warning 0, critical 1)", "kvm2", "never", "open alerts", "web01",
+    for part in ("cp-b active (epoch 2)", "items", "2 (normal 1, warning 0, critical 1)", "kvm2", "never",
+                 "open alerts", "web01",
                  "protected", "42s", "3.0 GiB", "db01", "resynchronization required", "none"):
         assert part in out, part
     rc, out, _err = invoke(capsys, "status", "--url", url, "--json")

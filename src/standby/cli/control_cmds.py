@@ -447,6 +447,8 @@ top = typer.Typer()  # a holder for the top-level commands, copied onto the main
 def status_cmd(c: Ctx) -> None:
     """Health summary of the control plane: items by health and state, agents, alerts, jobs."""
     status = c.api.get("/status")
+    health = c.api.get("/health")
+    status = {**status, "role": {k: health.get(k) for k in ("role", "name", "epoch", "active_url", "reason")}}
     items = c.api.get("/items")["items"]
     c.emit({"status": status, "items": items}, lambda _: render_status(status, items))
 
@@ -457,7 +459,13 @@ def render_status(status: dict[str, Any], items: list[dict[str, Any]]) -> None:
     t = Table(show_header=False, box=None, padding=(0, 2))
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("control plane", escape(str(status.get("version", "?"))))
+    role = status.get("role") or {}
+    where = ""
+    if role.get("role") == "passive":
+        where = f" [yellow]passive[/]: {escape(str(role.get('reason') or ''))}; active: {escape(str(role.get('active_url')))}"
+    elif role.get("role"):
+        where = f", {escape(str(role.get('name')))} active (epoch {role.get('epoch')})"
+    t.add_row("control plane", escape(str(status.get("version", "?"))) + where)
     t.add_row("items", f"{counts.get('total', 0)} (" + ", ".join(
         f"{styled(h, _HEALTH_STYLE)} {n}" for h, n in by_health.items()) + ")")
     if counts.get("by_state"):
