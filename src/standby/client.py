@@ -149,6 +149,18 @@ class ApiClient:
     def get(self, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, json=json, params=params)
 
+    def get_all(self, path: str, params: dict[str, Any] | None = None) -> list[Any]:
+        """Every item of a paged list (`{items, next}`), page after page."""
+        out: list[Any] = []
+        query = dict(params or {})
+        while True:
+            page = self.get(path, params=query)
+            out.extend(page.get("items") or [])
+            nxt = page.get("next")
+            if not nxt:
+                return out
+            query["after"] = nxt
+
     def post(self, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         return self.request("POST", path, json=json, params=params)
 

@@ -163,7 +163,7 @@ def test_protection_refused_by_readiness_carries_the_findings(cp: ControlPlane, 
     findings = err["details"]["findings"]
     assert any(f["rule"] == "kvm.disk-kinds" and f["severity"] == "error" for f in findings)
     assert set(findings[0]) == {"rule", "severity", "subject", "message", "remedy"}
-    assert admin.get("/items").json() == {"items": []}
+    assert admin.get("/items").json() == {"items": [], "next": None}
 
     r = admin.post("/items", json={"vm": "nosuchvm"})
     assert r.status_code == 404 and error_of(r)["type"] == "NotFound"

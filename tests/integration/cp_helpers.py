@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from standby.store import Store
-from standby.store.repo import agents, inventory, policies
+from standby.store.repo import agents, inventory, items, policies
 from standby.store.repo.inventory import HostReport, VmReport
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -99,3 +99,63 @@ def build(
         policies.associate(s, dep.policy, pairing.id, now=now)
         dep.pairing_id = pairing.id
     return dep
+
+
+@dataclass
+class Fabric:
+    item_ids: list[int]
+    primary_agent: int
+    secondary_agent: int
+
+
+def items_fabric(
+    store: Store,
+    *,
+    n: int = 1,
+    state: str = "protected",
+    freq: int = 300,
+    retention: int = 0,
+    app_hours: int = 0,
+    keep_all: int = 0,
+    secondary_agent: bool = True,
+    point_at: datetime | None = None,
+) -> Fabric:
+    """One primary cloud gold (host h1, VMs vm0000...) paired with gold-dr (host h9), policy p,
+    agents agent-h1 (and agent-h9), and `n` items in `state` (the scheduler's and the
+    scale tests' fabric)."""
+    with store.transaction() as s:
+        inventory.ensure_server(s, "vmm-a", site="site-a")
+        inventory.ensure_server(s, "vmm-b", site="site-b")
+        inventory.ensure_cloud(s, "gold", server="vmm-a", capabilities=["kvm"])
+        inventory.ensure_cloud(s, "gold-dr", server="vmm-b", capabilities=["kvm"])
+        vms = [VmReport(name=f"vm{i:04d}", uuid=f"u-{i}", power_state="running") for i in range(n)]
+        inventory.sync_cloud(s, "gold", [HostReport(name="h1", vms=vms)], now=T0)
+        inventory.sync_cloud(s, "gold-dr", [HostReport(name="h9")], now=T0)
+        pairing = policies.pair_clouds(s, "gold", "gold-dr")
+        policy = policies.create_policy(
+            s, "p", copy_frequency_seconds=freq, recovery_point_retention_hours=retention,
+            app_consistent_interval_hours=app_hours, keep_all_points_minutes=keep_all,
+        )
+        policies.associate(s, "p", pairing.id)
+        a1 = agents.register_agent(
+            s, name="agent-h1", host_name="h1", address="10.0.0.1:7443", cert_fingerprint="a1" * 32,
+            facts={"site": "site-a", "server": "vmm-a", "cloud": "gold", "host_group": None}, now=T0,
+        )
+        a9_id = 0
+        if secondary_agent:
+            a9_id = agents.register_agent(
+                s, name="agent-h9", host_name="h9", address="10.0.0.9:7443", cert_fingerprint="a9" * 32,
+                facts={"site": "site-b", "server": "vmm-b", "cloud": "gold-dr", "host_group": None}, now=T0,
+            ).id
+        h9 = inventory.get_host(s, "h9")
+        ids = []
+        for i in range(n):
+            item = items.create(
+                s, vm_id=inventory.get_vm(s, "h1", f"vm{i:04d}").id, pairing_id=pairing.id, policy_id=policy.id,
+                state=state, secondary_host_id=h9.id, next_cycle_at=T0, now=T0,
+            )
+            if point_at is not None:
+                item.last_recovery_point_at = point_at
+                item.last_recovery_point_id = "p-0"
+            ids.append(item.id)
+        return Fabric(ids, a1.id, a9_id)

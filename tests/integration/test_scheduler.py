@@ -4,15 +4,20 @@ expiry, heartbeats, health and alerts, and how many queries a tick costs."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cp_helpers import T0, at  # noqa: E402
+from cp_helpers import items_fabric as _fabric  # noqa: E402
 
 from standby.errors import Refused
 from standby.orchestration import agents as agent_svc
@@ -22,77 +27,12 @@ from standby.orchestration.settings import ServerSettings
 from standby.store import Store
 from standby.store.models import AgentTask, ProtectedItem
 from standby.store.repo import agents, alerts, inventory, items, policies, tasks
-from standby.store.repo.inventory import HostReport, VmReport
-
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
-@dataclass
-class Fabric:
-    item_ids: list[int]
-    primary_agent: int
-    secondary_agent: int
-
 
 def _settings(tmp_path: Path, heartbeat_timeout: float = 3600) -> ServerSettings:
     """Agents stay fresh for an hour unless a test is about heartbeats."""
     return ServerSettings(
         data_dir=tmp_path, heartbeat_seconds=10, heartbeat_timeout=heartbeat_timeout, task_deadline_seconds=600
     )
-
-
-def _fabric(
-    store: Store,
-    *,
-    n: int = 1,
-    state: str = "protected",
-    freq: int = 300,
-    retention: int = 0,
-    app_hours: int = 0,
-    keep_all: int = 0,
-    secondary_agent: bool = True,
-    point_at: datetime | None = None,
-) -> Fabric:
-    with store.transaction() as s:
-        inventory.ensure_server(s, "vmm-a", site="site-a")
-        inventory.ensure_server(s, "vmm-b", site="site-b")
-        inventory.ensure_cloud(s, "gold", server="vmm-a", capabilities=["kvm"])
-        inventory.ensure_cloud(s, "gold-dr", server="vmm-b", capabilities=["kvm"])
-        vms = [VmReport(name=f"vm{i:04d}", uuid=f"u-{i}", power_state="running") for i in range(n)]
-        inventory.sync_cloud(s, "gold", [HostReport(name="h1", vms=vms)], now=T0)
-        inventory.sync_cloud(s, "gold-dr", [HostReport(name="h9")], now=T0)
-        pairing = policies.pair_clouds(s, "gold", "gold-dr")
-        policy = policies.create_policy(
-            s, "p", copy_frequency_seconds=freq, recovery_point_retention_hours=retention,
-            app_consistent_interval_hours=app_hours, keep_all_points_minutes=keep_all,
-        )
-        policies.associate(s, "p", pairing.id)
-        a1 = agents.register_agent(
-            s, name="agent-h1", host_name="h1", address="10.0.0.1:7443", cert_fingerprint="a1" * 32,
-            facts={"site": "site-a", "server": "vmm-a", "cloud": "gold", "host_group": None}, now=T0,
-        )
-        a9_id = 0
-        if secondary_agent:
-            a9_id = agents.register_agent(
-                s, name="agent-h9", host_name="h9", address="10.0.0.9:7443", cert_fingerprint="a9" * 32,
-                facts={"site": "site-b", "server": "vmm-b", "cloud": "gold-dr", "host_group": None}, now=T0,
-            ).id
-        h9 = inventory.get_host(s, "h9")
-        ids = []
-        for i in range(n):
-            item = items.create(
-                s, vm_id=inventory.get_vm(s, "h1", f"vm{i:04d}").id, pairing_id=pairing.id, policy_id=policy.id,
-                state=state, secondary_host_id=h9.id, next_cycle_at=T0, now=T0,
-            )
-            if point_at is not None:
-                item.last_recovery_point_at = point_at
-                item.last_recovery_point_id = "p-0"
-            ids.append(item.id)
-        return Fabric(ids, a1.id, a9_id)
 
 
 def _item(store: Store, item_id: int) -> ProtectedItem:

@@ -75,6 +75,13 @@ class ListOut(BaseModel, Generic[T]):
     items: list[T]
 
 
+class PageOut(BaseModel, Generic[T]):
+    """A page of a list: `next` is the `after` of the next page (None: this was the last)."""
+
+    items: list[T]
+    next: str | None = None
+
+
 class Empty(BaseModel):
     pass
 

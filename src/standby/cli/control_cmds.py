@@ -449,7 +449,7 @@ def status_cmd(c: Ctx) -> None:
     status = c.api.get("/status")
     health = c.api.get("/health")
     status = {**status, "role": {k: health.get(k) for k in ("role", "name", "epoch", "active_url", "reason")}}
-    items = c.api.get("/items")["items"]
+    items = c.api.get_all("/items")
     c.emit({"status": status, "items": items}, lambda _: render_status(status, items))
 
 
@@ -488,7 +488,7 @@ def render_status(status: dict[str, Any], items: list[dict[str, Any]]) -> None:
 @api_command(top, "items")
 def items_cmd(c: Ctx) -> None:
     """Protected items with state, health, RPO, last recovery point and bytes replicated."""
-    items = c.api.get("/items")["items"]
+    items = c.api.get_all("/items")
     c.emit(items, lambda data: console.print(items_table(data)))
 
 

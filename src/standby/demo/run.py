@@ -171,7 +171,7 @@ class Demo:
             s.detail = f"{sum(len(v) for v in seen.values())} recovery points observed"
 
         with self.step("replication health") as s:
-            self.result.items = api.get("/items")["items"]
+            self.result.items = api.get_all("/items")
             self.result.status = api.get("/status")
             rpos = [i["rpo_seconds"] for i in self.result.items if i["rpo_seconds"] is not None]
             self.result.figures.update(
@@ -244,7 +244,7 @@ class Demo:
             s.detail = (f"{lost} records lost; {f['failback']['bytes_moved'] / 1e6:.2f} MB sent between the sites, "
                         f"{f['failback']['bytes_restored'] / 1e6:.2f} MB restored locally; protected again")
         f["records_lost_planned_failover"] = f["planned_failover"]["records_lost"]
-        self.result.items = api.get("/items")["items"]
+        self.result.items = api.get_all("/items")
 
     # ------------------------------------------------------------------ helpers
 

@@ -76,15 +76,28 @@ def enable_protection(
     return _item_and_job(store, item_id, job_id)
 
 
-@router.get("/items", response_model=schemas.ListOut[schemas.ItemOut])
+DEFAULT_PAGE = 500
+MAX_PAGE = 1000
+
+
+@router.get("/items", response_model=schemas.PageOut[schemas.ItemOut])
 def list_items(
     state: Annotated[list[str] | None, Query(max_length=20, description="repeat for several states")] = None,
     health: Annotated[schemas.Health | None, Query()] = None,
+    cloud: Annotated[str | None, Query(max_length=128, description="the primary cloud")] = None,
+    host: Annotated[str | None, Query(max_length=128, description="the VM's host")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    after: Annotated[int | None, Query(ge=0, le=schemas.INT32_MAX, description="page: items after this id "
+                                                                                 "(the previous page's `next`)")] = None,
     store: Store = Depends(deps.store),
-) -> schemas.ListOut[schemas.ItemOut]:
+) -> schemas.PageOut[schemas.ItemOut]:
+    """Items in id order, a page at a time: `next` is the `after` of the next page."""
     with store.read() as s:
-        rows = items_repo.list_items(s, states=state, health=health)
-        return schemas.ListOut(items=[deps.item_out(i) for i in rows])
+        rows = items_repo.list_items(s, states=state, health=health, cloud=cloud, host=host, after=after,
+                                     limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return schemas.PageOut(items=[deps.item_out(i) for i in rows], next=str(rows[-1].id) if more else None)
 
 
 @router.get("/items/{ref}", response_model=schemas.ItemOut)

@@ -14,11 +14,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from standby.domain import lifecycle
 from standby.errors import BadInput, Conflict, Refused
-from standby.store.models import HEALTHS, ProtectedItem, Vm
+from standby.store.models import HEALTHS, Cloud, CloudPairing, Host, ProtectedItem, Vm
 from standby.store.repo._common import get as _get
 from standby.store.repo._common import now_or
 from standby.store.repo.policies import is_associated
@@ -84,8 +84,21 @@ def list_items(
     policy_id: int | None = None,
     states: Iterable[str] | None = None,
     health: str | None = None,
+    cloud: str | None = None,
+    host: str | None = None,
+    after: int | None = None,
+    limit: int | None = None,
 ) -> list[ProtectedItem]:
-    q = select(ProtectedItem).order_by(ProtectedItem.id)
+    """Items in id order, filtered in the database; a page of `limit` after id `after`.
+    Their VM, host, pairing's clouds, policy and secondary host come in a bounded number
+    of queries (one per relation), not one per item."""
+    q = select(ProtectedItem).order_by(ProtectedItem.id).options(
+        selectinload(ProtectedItem.vm).selectinload(Vm.host),
+        selectinload(ProtectedItem.pairing).selectinload(CloudPairing.primary),
+        selectinload(ProtectedItem.pairing).selectinload(CloudPairing.secondary),
+        selectinload(ProtectedItem.policy),
+        selectinload(ProtectedItem.secondary_host),
+    )
     if pairing_id is not None:
         q = q.where(ProtectedItem.pairing_id == pairing_id)
     if policy_id is not None:
@@ -94,6 +107,16 @@ def list_items(
         q = q.where(ProtectedItem.state.in_(list(states)))
     if health is not None:
         q = q.where(ProtectedItem.health == health)
+    if cloud is not None:
+        primary = aliased(Cloud)
+        q = q.join(CloudPairing, CloudPairing.id == ProtectedItem.pairing_id).join(
+            primary, primary.id == CloudPairing.primary_cloud_id).where(primary.name == cloud)
+    if host is not None:
+        q = q.join(Vm, Vm.id == ProtectedItem.vm_id).join(Host, Host.id == Vm.host_id).where(Host.name == host)
+    if after is not None:
+        q = q.where(ProtectedItem.id > after)
+    if limit is not None:
+        q = q.limit(limit)
     return list(session.scalars(q))
 
 
