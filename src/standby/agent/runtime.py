@@ -245,7 +245,7 @@ class ControlPlane:
                     self._current = (self._current + 1) % len(self.urls)  # the next call tries the next one
             if first:
                 others = f"; trying {', '.join(u for u in self.urls if u != url)} too" if len(self.urls) > 1 else ""
-                log.warning("control plane %s unreachable (%s)%s; retrying with backoff, replication goes on",
+                log.warning("control plane unreachable: %s (%s)%s; retrying with backoff, replication goes on",
                             url, exc.message, others)
             raise ControlPlaneDown(exc.message) from None
         self._answered(url)
