@@ -355,8 +355,8 @@ def test_a_planned_failover_survives_a_runner_restart_after_any_step(
         _, job_id = failover.start_failover(store, first, item=item_id, type="planned")
 
         def steps_done() -> bool:
-            run = job(store, job_id).payload["run"]["steps"]
-            return sum(st["status"] == "done" for st in run) >= k
+            j = job(store, job_id)  # started (k = 0: the runner may not have taken it yet)
+            return j.state != "queued" and sum(st["status"] == "done" for st in j.payload["run"]["steps"]) >= k
 
         sites.until(steps_done, f"{k} steps done")
     finally:

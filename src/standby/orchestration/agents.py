@@ -82,6 +82,13 @@ def heartbeat(
     return agent
 
 
+def owns_cycles(agent: Agent) -> bool:
+    """Whether the agent runs its replication cycles itself, from its desired state (it
+    says so in its heartbeat's facts); older agents get cycle tasks instead."""
+    reported = (agent.facts or {}).get("reported") or {}
+    return bool(reported.get("owns_cycles"))
+
+
 def storage_free_fraction(agent: Agent) -> float | None:
     """The free fraction of the agent's replica storage, from its last heartbeat."""
     facts = agent.facts or {}

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, aliased, selectinload
 
 from standby.domain import health as health_rules
 from standby.domain import lifecycle
+from standby.contract import CycleReport
 from standby.domain.lifecycle import Event, ItemContext, Site, State
 from standby.errors import NotFound
 from standby.orchestration import agents as agent_svc
@@ -69,6 +70,7 @@ ALERT_CHUNK = 100  # alerts raised or cleared per transaction
 FINISHED_TASK_RETENTION = timedelta(days=1)
 PURGE_EVERY = timedelta(minutes=10)
 POINT_ID_MAX = 80  # ProtectedItem.last_recovery_point_id
+REPORTS_REMEMBERED = 8  # cycle ids remembered per item: a report sent again is applied once
 
 
 # ---------------------------------------------------------------- pure decisions
@@ -85,6 +87,62 @@ def consistency_for(app_interval_hours: int, last_app_consistent_at: datetime | 
     if last_app_consistent_at is None:
         return "app"
     return "app" if now - last_app_consistent_at >= timedelta(hours=app_interval_hours) else "crash"
+
+
+def cycle_plan(item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], now: datetime,
+               mappings: Mapping[str, str], *, problems: bool = False) -> tuple[_AgentView, dict[str, Any]] | str | None:
+    """Who runs the item's next cycle and with what (the `cycle` task's parameters, and a
+    desired VM's): (source agent, params); None when the item does not replicate now; the
+    reason (a string) when it should but cannot, with `problems`."""
+    state = _state(item.state)
+    sites = cycle_sites(state) if state is not None else None
+    if state is None or sites is None:
+        return None
+    hosts = {
+        Site.PRIMARY: item.vm.host.name,
+        Site.SECONDARY: item.secondary_host.name if item.secondary_host is not None else None,
+    }
+    source_host, target_host = hosts[sites[0]], hosts[sites[1]]
+    problem = None
+    source = agents_by_host.get(source_host) if source_host else None
+    target = agents_by_host.get(target_host) if target_host else None
+    if target_host is None:
+        problem = "no secondary host is assigned to hold the replica"
+    elif source is None:
+        problem = f"no active agent is registered on host {source_host}"
+    elif target is None:
+        problem = f"no active agent is registered on host {target_host}"
+    elif not target.address:
+        problem = f"agent {target.name} on host {target_host} has no replication address"
+    elif problems and not source.ok:
+        problem = f"agent {source.name} on host {source_host} lost its heartbeat"
+    elif problems and not target.ok:
+        problem = f"agent {target.name} on host {target_host} lost its heartbeat"
+    if problem is not None:
+        return problem if problems else None
+    assert source is not None and target is not None
+    policy = item.policy
+    details = item.details or {}
+    force = state is State.RESYNCHRONIZING or bool(details.get("force_hash_scan"))
+    params: dict[str, Any] = {
+        "item_id": item.id,
+        "vm": item.vm.name,
+        "peer": {"name": target.name, "address": target.address},
+        "consistency": consistency_for(
+            policy.app_consistent_interval_hours, parse_time(details.get("last_app_consistent_at")), now
+        ),
+        "compress": bool(policy.compression),
+        "force_hash_scan": force,
+        "timeout_seconds": SENDER_TIMEOUT_SECONDS,
+        "recovery": recovery_params(item, mappings, reverse=sites[0] is Site.SECONDARY),
+    }
+    if sites[0] is Site.SECONDARY:
+        # Reverse replication: the replica VM on the secondary sends to the old primary,
+        # its disks named by the original disks' ids (the old disks adopted as the base).
+        params["vm"] = str(details.get("replica_vm") or item.vm.name)
+        if isinstance(details.get("replica_disk_ids"), dict):
+            params["disk_ids"] = dict(details["replica_disk_ids"])
+    return source, params
 
 
 def recovery_params(item: ProtectedItem, mappings: Mapping[str, str], *, reverse: bool = False) -> dict[str, Any]:
@@ -229,12 +287,41 @@ class TickReport:
 
 
 @dataclass(frozen=True)
+class CycleOutcome:
+    """A finished cycle, from a cycle task or from an agent's report: what applying it needs."""
+
+    state: str  # succeeded, failed, expired or cancelled
+    params: Mapping[str, Any]  # the cycle's parameters (force_hash_scan, consistency, disk_ids, peer)
+    result: Mapping[str, Any]  # the cycle task's result shape: points, point_at, bytes_sent ...
+    started: datetime
+    error: str | None = None
+    error_type: str | None = None
+    schedules: bool = True  # the control plane times the next cycle (tasks); an agent that owns it does not
+    prunes: bool = True  # the control plane orders the prune; an agent that owns its cycles prunes itself
+
+    @classmethod
+    def of_task(cls, task: AgentTask) -> CycleOutcome:
+        return cls(task.state, dict(task.params or {}), dict(task.result or {}), task.claimed_at or task.created_at,
+                   task.error, task.error_type)
+
+    @classmethod
+    def of_report(cls, report: CycleReport, *, reverse: bool = False) -> CycleOutcome:
+        params: dict[str, Any] = {"force_hash_scan": report.scanned, "consistency": report.consistency}
+        if reverse:
+            params["disk_ids"] = True  # the replica's definition is not the source's
+        return cls("succeeded" if report.ok else "failed", params, dict(report.result),
+                   datetime.fromtimestamp(report.started_at, UTC), report.error, report.error_type,
+                   schedules=False, prunes=False)
+
+
+@dataclass(frozen=True)
 class _AgentView:
     id: int
     name: str
     address: str | None
     ok: bool
     free_fraction: float | None
+    owns_cycles: bool = False  # it runs its cycles on its own timers (its desired state): no cycle tasks
 
 
 class Scheduler:
@@ -372,7 +459,7 @@ class Scheduler:
         q = select(Agent).where(Agent.kind == "agent", Agent.state == "active").order_by(Agent.registered_at)
         for a in s.scalars(q):  # newest last: it wins
             out[a.host_name] = _AgentView(a.id, a.name, a.address, agent_svc.alive(a, self.settings, now),
-                                          agent_svc.storage_free_fraction(a))
+                                          agent_svc.storage_free_fraction(a), agent_svc.owns_cycles(a))
         return out
 
     def _cycle_task(
@@ -380,61 +467,22 @@ class Scheduler:
         mappings: Mapping[str, str] | None = None,
     ) -> tasks.NewTask | None:
         """The cycle task for a due item, its `next_cycle_at` cleared; or None, the item
-        rescheduled (or taken off the queue) and `error` saying why."""
-        state = _state(item.state)
-        sites = cycle_sites(state) if state is not None else None
-        if state is None or sites is None:
+        rescheduled (or taken off the queue) and `error` saying why. An item whose source
+        agent runs its cycles itself (its desired state) gets no task: off the queue."""
+        plan = cycle_plan(item, agents_by_host, now, mappings or {}, problems=True)
+        if plan is None:
             # Not replicating (paused, failed over ...): off the queue until a job puts it back.
             item.next_cycle_at = None
             return None
-        hosts = {
-            Site.PRIMARY: item.vm.host.name,
-            Site.SECONDARY: item.secondary_host.name if item.secondary_host is not None else None,
-        }
-        source_host, target_host = hosts[sites[0]], hosts[sites[1]]
-        problem = None
-        source = agents_by_host.get(source_host) if source_host else None
-        target = agents_by_host.get(target_host) if target_host else None
-        if target_host is None:
-            problem = "no secondary host is assigned to hold the replica"
-        elif source is None:
-            problem = f"no active agent is registered on host {source_host}"
-        elif target is None:
-            problem = f"no active agent is registered on host {target_host}"
-        elif not target.address:
-            problem = f"agent {target.name} on host {target_host} has no replication address"
-        elif not source.ok:
-            problem = f"agent {source.name} on host {source_host} lost its heartbeat"
-        elif not target.ok:
-            problem = f"agent {target.name} on host {target_host} lost its heartbeat"
-        if problem is not None:
-            item.error = f"{NOT_STARTED}: {problem}"
+        if isinstance(plan, str):
+            item.error = f"{NOT_STARTED}: {plan}"
             item.next_cycle_at = now + timedelta(seconds=MISSING_AGENT_RETRY)
             item.updated_at = now
             return None
-        assert source is not None and target is not None
-        policy = item.policy
-        details = item.details or {}
-        force = state is State.RESYNCHRONIZING or bool(details.get("force_hash_scan"))
-        params = {
-            "item_id": item.id,
-            "vm": item.vm.name,
-            "peer": {"name": target.name, "address": target.address},
-            "consistency": consistency_for(
-                policy.app_consistent_interval_hours, parse_time(details.get("last_app_consistent_at")), now
-            ),
-            "compress": bool(policy.compression),
-            "force_hash_scan": force,
-            "timeout_seconds": SENDER_TIMEOUT_SECONDS,
-            "recovery": recovery_params(item, mappings or {}, reverse=sites[0] is Site.SECONDARY),
-        }
-        if sites[0] is Site.SECONDARY:
-            # Reverse replication: the replica VM on the secondary sends to the old primary,
-            # its disks named by the original disks' ids (the old disks adopted as the base).
-            params["vm"] = str(details.get("replica_vm") or item.vm.name)
-            if isinstance(details.get("replica_disk_ids"), dict):
-                params["disk_ids"] = dict(details["replica_disk_ids"])
+        source, params = plan
         item.next_cycle_at = None
+        if source.owns_cycles:
+            return None
         return tasks.NewTask(agent_id=source.id, kind=CYCLE, params=params, item_id=item.id)
 
     # ------------------------------------------------------------ 4. health and alerts
@@ -546,12 +594,34 @@ class Scheduler:
             item = items.get(session, task.item_id, lock=True)
         except NotFound:
             return  # the item was deleted while its cycle ran
-        if task.state == "succeeded":
-            self._cycle_succeeded(session, item, task, now)
-        elif task.state in ("failed", "expired"):
-            self._cycle_failed(session, item, task, now)
+        self._apply(session, item, CycleOutcome.of_task(task), now)
+
+    def apply_cycle_report(self, session: Session, report: CycleReport, now: datetime) -> bool:
+        """A cycle an agent ran on its own timer (its desired state), in the caller's
+        transaction: the same consequences as a cycle task's result, except that the next
+        cycle is the agent's to time and the prune its to run. False when it was applied
+        before (a batch sent again) or its item is gone."""
+        try:
+            item = items.get(session, report.item_id, lock=True)
+        except NotFound:
+            return False
+        details = dict(item.details or {})
+        seen = list(details.get("reported_cycles") or [])
+        if report.cycle_id in seen:
+            return False
+        details["reported_cycles"] = (seen + [report.cycle_id])[-REPORTS_REMEMBERED:]
+        item.details = details
+        self._apply(session, item, CycleOutcome.of_report(report, reverse=_state(item.state) is State.REVERSE_REPLICATING),
+                    now)
+        return True
+
+    def _apply(self, s: Session, item: ProtectedItem, outcome: CycleOutcome, now: datetime) -> None:
+        if outcome.state == "succeeded":
+            self._cycle_succeeded(s, item, outcome, now)
+        elif outcome.state in ("failed", "expired"):
+            self._cycle_failed(s, item, outcome, now)
         else:  # cancelled: nothing was made; the next cycle is due as scheduled
-            if item.next_cycle_at is None and self._replicates(item):
+            if item.next_cycle_at is None and self._replicates(item) and outcome.schedules:
                 item.next_cycle_at = retry_at(item.policy.copy_frequency_seconds, now)
 
     @staticmethod
@@ -559,15 +629,15 @@ class Scheduler:
         state = _state(item.state)
         return state is not None and lifecycle.is_replicating(state)
 
-    def _cycle_succeeded(self, s: Session, item: ProtectedItem, task: AgentTask, now: datetime) -> None:
-        result = task.result or {}
+    def _cycle_succeeded(self, s: Session, item: ProtectedItem, o: CycleOutcome, now: datetime) -> None:
+        result = o.result
         points = result.get("points") if isinstance(result.get("points"), dict) else {}
         point_id = summary_point_id(points or {})
-        started = task.claimed_at or task.created_at
+        started = o.started
         policy = item.policy
         if point_id is None:  # "ok" with nothing committed: not a recovery point
             self._record_failure(s, item, "the cycle reported success but no disk committed a point", None, {},
-                                 now)
+                                 now, schedules=o.schedules)
             return
         point_at = parse_time(result.get("point_at")) or started
         bytes_sent = result.get("bytes_sent")
@@ -577,20 +647,20 @@ class Scheduler:
             recovery_point_id=point_id,
             recovery_point_at=point_at,
             bytes_sent=bytes_sent if isinstance(bytes_sent, int) and bytes_sent >= 0 else 0,
-            next_cycle_at=next_cycle_after(started, policy.copy_frequency_seconds, now),
+            next_cycle_at=next_cycle_after(started, policy.copy_frequency_seconds, now) if o.schedules else None,
             now=now,
         )
         details = dict(item.details or {})
         details["disk_ids"] = sorted(points)
-        if isinstance(result.get("domain_xml"), str) and result["domain_xml"] and "disk_ids" not in task.params:
+        if isinstance(result.get("domain_xml"), str) and result["domain_xml"] and "disk_ids" not in o.params:
             # The source VM's configuration as of this point: a failover defines the replica from it.
             details["domain_xml"] = result["domain_xml"]
-        scanned = bool(task.params.get("force_hash_scan"))
+        scanned = bool(o.params.get("force_hash_scan"))
         if scanned:  # a cycle queued before a resync was asked for does not count as one
             details.pop("force_hash_scan", None)
             details.pop("auto_resyncs", None)
         details.pop("failed_cycles", None)
-        if task.params.get("consistency") == "app" or result.get("consistency") == "app":
+        if o.params.get("consistency") == "app" or result.get("consistency") == "app":
             details["last_app_consistent_at"] = point_at.isoformat()
         event = {
             State.INITIAL_REPLICATION: Event.INITIAL_REPLICATION_COMPLETED,
@@ -609,11 +679,11 @@ class Scheduler:
         if not self._replicates(item):
             item.next_cycle_at = None  # paused (or failed over) while the cycle ran
         state = _state(item.state)
-        if state is not None and should_prune(state):
-            self._enqueue_prune(s, item, task, details["disk_ids"], now)
+        if state is not None and should_prune(state) and o.prunes:
+            self._enqueue_prune(s, item, o, details["disk_ids"], now)
         s.flush()
 
-    def _enqueue_prune(self, s: Session, item: ProtectedItem, cycle: AgentTask, disk_ids: list[str],
+    def _enqueue_prune(self, s: Session, item: ProtectedItem, cycle: CycleOutcome, disk_ids: list[str],
                        now: datetime) -> None:
         if tasks.open_task_for_item(s, item.id, PRUNE) is not None:
             return  # one prune at a time: the open one prunes up to now
@@ -637,14 +707,14 @@ class Scheduler:
             now=now,
         )
 
-    def _cycle_failed(self, s: Session, item: ProtectedItem, task: AgentTask, now: datetime) -> None:
-        error = task.error or "the replication cycle failed"
-        if task.state == "expired":
+    def _cycle_failed(self, s: Session, item: ProtectedItem, o: CycleOutcome, now: datetime) -> None:
+        error = o.error or "the replication cycle failed"
+        if o.state == "expired":
             error = f"the agent did not finish the replication cycle by its deadline ({error})"
-        self._record_failure(s, item, error, task.error_type, task.result or {}, now)
+        self._record_failure(s, item, error, o.error_type, o.result, now, schedules=o.schedules)
 
     def _record_failure(self, s: Session, item: ProtectedItem, error: str, error_type: str | None,
-                        result: Mapping[str, Any], now: datetime) -> None:
+                        result: Mapping[str, Any], now: datetime, *, schedules: bool = True) -> None:
         details = dict(item.details or {})
         details["failed_cycles"] = int(details.get("failed_cycles", 0)) + 1
         item.error = error
@@ -665,7 +735,8 @@ class Scheduler:
                     self._transition(s, item, Event.RESYNC_STARTED)
             item.error = error  # transitions reset the error field
         item.details = details
-        item.next_cycle_at = retry_at(item.policy.copy_frequency_seconds, now) if self._replicates(item) else None
+        item.next_cycle_at = (retry_at(item.policy.copy_frequency_seconds, now)
+                              if self._replicates(item) and schedules else None)
         item.updated_at = now
         s.flush()
 
