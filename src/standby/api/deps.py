@@ -33,6 +33,7 @@ from standby.store.models import (
 
 
 if TYPE_CHECKING:
+    from standby.orchestration.desired import ChangeNotifier
     from standby.orchestration.runner import JobRunner
     from standby.orchestration.scheduler import Scheduler
 
@@ -44,6 +45,7 @@ class Services(Protocol):
     store: Store
     runner: JobRunner
     scheduler: Scheduler
+    desired: ChangeNotifier  # counts the commits that may change an agent's desired state
 
     def start(self) -> None: ...
 

@@ -209,3 +209,27 @@ def record_fenced(session: Session, agent: Agent, vm: str, *, was_running: bool,
                        subject=f"item:{vm}", item_id=item.id, agent_id=agent.id, now=now_or(now),
                        message=f"{vm} {what} by agent {agent.name}{auto}: it runs on the secondary; reverse "
                                "replication overwrites what the old copy wrote since its last point")
+
+
+def record_replication(session: Session, agent: Agent, *, desired_version: str | None, active: list[int],
+                       running: list[int], now: datetime | None = None) -> None:
+    """What an agent that owns its cycles says it replicates now (its reports): the
+    desired state it runs under, the items it cycles and those with a cycle in flight.
+    A failover waits on this before it switches a VM (`replication_stopped`)."""
+    agent.facts = {**(agent.facts or {}), "replication": {
+        "desired_version": desired_version, "active": sorted(set(active))[:100000],
+        "running": sorted(set(running))[:100000], "at": now_or(now).isoformat()}}
+
+
+def replication_stopped(agent: Agent, item_id: int, since: datetime) -> bool:
+    """Whether the agent reported, after `since`, that it no longer replicates the item
+    and has no cycle of it in flight."""
+    rep = (agent.facts or {}).get("replication") or {}
+    at = rep.get("at")
+    if not at:
+        return False
+    try:
+        when = datetime.fromisoformat(str(at))
+    except ValueError:
+        return False
+    return when >= since and item_id not in (rep.get("active") or []) and item_id not in (rep.get("running") or [])

@@ -89,6 +89,17 @@ def consistency_for(app_interval_hours: int, last_app_consistent_at: datetime | 
     return "app" if now - last_app_consistent_at >= timedelta(hours=app_interval_hours) else "crash"
 
 
+def agents_by_host(s: Session, settings: ServerSettings, now: datetime) -> dict[str, _AgentView]:
+    """The dispatching agent of each host (`agents.agent_for_host`: the newest active
+    registration), with whether its heartbeat is current."""
+    out: dict[str, _AgentView] = {}
+    q = select(Agent).where(Agent.kind == "agent", Agent.state == "active").order_by(Agent.registered_at)
+    for a in s.scalars(q):  # newest last: it wins
+        out[a.host_name] = _AgentView(a.id, a.name, a.address, agent_svc.alive(a, settings, now),
+                                      agent_svc.storage_free_fraction(a), agent_svc.owns_cycles(a))
+    return out
+
+
 def cycle_plan(item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], now: datetime,
                mappings: Mapping[str, str], *, problems: bool = False) -> tuple[_AgentView, dict[str, Any]] | str | None:
     """Who runs the item's next cycle and with what (the `cycle` task's parameters, and a
@@ -453,14 +464,7 @@ class Scheduler:
             report.cycles_dispatched = len(new)
 
     def _agents_by_host(self, s: Session, now: datetime) -> dict[str, _AgentView]:
-        """The dispatching agent of each host (`agents.agent_for_host`: the newest active
-        registration), with whether its heartbeat is current."""
-        out: dict[str, _AgentView] = {}
-        q = select(Agent).where(Agent.kind == "agent", Agent.state == "active").order_by(Agent.registered_at)
-        for a in s.scalars(q):  # newest last: it wins
-            out[a.host_name] = _AgentView(a.id, a.name, a.address, agent_svc.alive(a, self.settings, now),
-                                          agent_svc.storage_free_fraction(a), agent_svc.owns_cycles(a))
-        return out
+        return agents_by_host(s, self.settings, now)
 
     def _cycle_task(
         self, item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], now: datetime,

@@ -23,6 +23,7 @@ import threading
 import time
 
 from standby.orchestration import failover, plans, protection
+from standby.orchestration.desired import ChangeNotifier
 from standby.orchestration.role import TOUCH_SECONDS, Role, RoleKeeper
 from standby.orchestration.runner import JobRunner
 from standby.orchestration.scheduler import Scheduler
@@ -47,6 +48,8 @@ class ControlPlaneServices:
         self._owns_store = store is None
         self.store = store if store is not None else open_store(settings.url, migrate="unless-standby")
         self.role = RoleKeeper(self.store, name=settings.cp_name, url=settings.advertised_url)
+        self.desired = ChangeNotifier()
+        self.desired.install(self.store)
         self._make_parts()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -159,6 +162,7 @@ class ControlPlaneServices:
                     log.warning("%s did not stop within %.0f s", t.name, JOIN_TIMEOUT)
         self.runner.stop()
         self.role.release()
+        self.desired.uninstall()
         if self._owns_store:
             self.store.close()
         log.info("control plane services stopped")

@@ -91,6 +91,11 @@ class Store:
         return self.engine.dialect.name
 
     @property
+    def write_sessions(self) -> sessionmaker[Session]:
+        """The factory of `transaction()`'s sessions (for session events)."""
+        return self._write
+
+    @property
     def url(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
 

@@ -3,16 +3,22 @@ issued at registration: heartbeat, inventory, tasks) and the operators' view of 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import asdict
+from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from standby.api import deps, schemas
 from standby.api.auth import AgentIdentity, authorize, require_agent
 from standby.api.errors import Unauthorized
+from standby.contract import DesiredState, ReportAck, ReportBatch
 from standby.orchestration import agents as agents_svc
 from standby.orchestration import breakglass
+from standby.orchestration import desired as desired_mod
 from standby.orchestration import registration
 from standby.orchestration.settings import ServerSettings
 from standby.store.base import utcnow
@@ -91,6 +97,63 @@ def heartbeat(
         fence = agents_svc.fenced_vms(s, agent)
     return schemas.HeartbeatOut(heartbeat_seconds=settings.heartbeat_seconds, server_time=now,
                                 epoch=view.epoch if view is not None else None, fence=fence)
+
+
+DESIRED_WAIT_MAX = 30.0
+DESIRED_POLL = 0.25  # how often a long-poll looks at the change counter (no database access)
+
+
+@agent_router.get("/desired", response_model=DesiredState)
+async def desired(
+    have: Annotated[str | None, Query(max_length=64, description="the version the agent has")] = None,
+    wait: Annotated[float, Query(ge=0, le=DESIRED_WAIT_MAX, description="seconds to wait for a change")] = 0,
+    ident: AgentIdentity = Depends(require_agent),
+    store: Store = Depends(deps.store),
+    services: deps.Services = Depends(deps.services),
+) -> DesiredState:
+    """The agent's desired state (contract.DesiredState). With `have` and `wait`: answered
+    as soon as it differs from `have`, or after `wait` seconds with the same version (a
+    long-poll: an agent hears of a change within a second, without polling for it)."""
+    notifier = services.desired
+    deadline = time.monotonic() + wait
+
+    def compute() -> DesiredState:
+        with store.read() as s:
+            agent = s.get(Agent, ident.id)
+            if agent is None or agent.state != "active" or agent.cert_fingerprint != ident.fingerprint:
+                raise Unauthorized(f"agent {ident.name!r} is no longer registered with this certificate")
+            return desired_mod.desired_state(s, services.settings, agent, utcnow())
+
+    while True:
+        seen = notifier.current
+        state = await run_in_threadpool(compute)
+        if state.version != have or time.monotonic() >= deadline:
+            return state
+        while notifier.current == seen and time.monotonic() < deadline:
+            await asyncio.sleep(DESIRED_POLL)
+
+
+@agent_router.post("/reports", response_model=ReportAck)
+def reports(
+    body: ReportBatch,
+    ident: AgentIdentity = Depends(require_agent),
+    store: Store = Depends(deps.store),
+    services: deps.Services = Depends(deps.services),
+) -> ReportAck:
+    """The cycles the agent ran on its own timers, and what it replicates now: applied in
+    one transaction (a report already applied is ignored)."""
+    now = utcnow()
+    applied = ignored = 0
+    with store.transaction() as s:
+        agent = _agent_row(s, ident)
+        for report in sorted(body.cycles, key=lambda r: r.finished_at):
+            if services.scheduler.apply_cycle_report(s, report, now):
+                applied += 1
+            else:
+                ignored += 1
+        agents_svc.record_replication(s, agent, desired_version=body.desired_version, active=body.active,
+                                      running=body.running, now=now)
+    return ReportAck(applied=applied, ignored=ignored)
 
 
 @agent_router.post("/fenced", response_model=schemas.Empty)
