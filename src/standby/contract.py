@@ -69,6 +69,7 @@ class DesiredVm(_Model):
     copy_frequency_seconds: int = Field(ge=0)  # 0: continuous (a cycle as soon as the last ended)
     app_consistent_interval_hours: int = Field(default=0, ge=0)
     run_now: int = 0  # bumped by "replicate now": a cycle at once when it changes
+    start_at: float | None = None  # a scheduled initial replication: not before this (Unix time)
 
 
 class DesiredReplica(_Model):

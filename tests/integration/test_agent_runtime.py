@@ -255,7 +255,6 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         assert verdict.ok and verdict.last >= acked, verdict.line()
         # the point carries what host-b needs to start the VM without the control plane
         from standby.replication import catalog
-        from standby.replication.store import ReplicaStore
 
         vp = catalog.choose(ReplicaStore(replicas), name, "latest", now=time.time())
         assert vp.manifest is not None and vp.manifest.startable, vp
@@ -324,7 +323,8 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
                        check=True, capture_output=True)
         out = json.loads(d.run_cli("protect", seeded, "--policy", "seeded", "--json", "--no-wait").stdout)
         job = d.wait_job(out["job"]["id"], 300)
-        assert job["state"] == "succeeded", job
+        assert job["state"] == "succeeded", (job.get("error"), [(st["name"], st["state"], st.get("message"))
+                                                                for st in job.get("steps", [])])
         seeded_id = disk_id_for(seeded, "vda")
         assert (carried / seeded_id / "seed.json").is_file()
         item = d.wait_for(lambda: (lambda i: i if i.get("last_recovery_point_id") else None)(d.item(seeded)), 120,
@@ -334,9 +334,10 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
 
             kinds = {t.kind: t for t in tasks_repo.list_tasks(s, item_id=item["id"])}
             assert kinds["seed_export"].state == kinds["seed_import"].state == "succeeded"
-            cycles = [t for t in tasks_repo.list_tasks(s, item_id=item["id"], kind="cycle") if t.state == "succeeded"]
-            first_cycle = min(cycles, key=lambda t: t.id).result
-        assert first_cycle["disks"][0]["kind"] == "extents", first_cycle  # no scan, no copy: from the seed
+        # the agent's own first cycle after the import (its report made the point): a delta
+        seeded_points = ReplicaStore(replicas).disk(seeded_id).points()
+        assert "imported_seed" in seeded_points[0].meta, seeded_points[0].meta
+        assert seeded_points[1].meta["cycle_kind"] == "extents", seeded_points[1].meta  # no scan, no copy
         replica, overlay = _materialized(replicas, seeded_id, item["last_recovery_point_id"], tmp_path / "s1.qcow2")
         try:
             r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(overlay),

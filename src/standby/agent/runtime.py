@@ -91,6 +91,7 @@ def abort_stale_backups(driver: Any, owns: Callable[[str], bool]) -> list[str]:
 
 PROBE_SECONDS = 60.0  # how often an agent with several control planes asks which is active
 FENCE_SHUTDOWN_SECONDS = 30.0  # a fenced VM's graceful shutdown, then power off
+REPORT_BATCH_LOG = 20  # a batch of this many reports (a catch-up after an outage) is logged
 
 
 class ControlPlaneDown(RemoteError):
@@ -226,12 +227,40 @@ class ControlPlane:
                 self._clients.append(c)
         return c
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def interrupt(self) -> None:
+        """End the long-polls in flight now, and refuse new ones (the agent is stopping)."""
+        with self._lock:
+            self._interrupted = True
+            polls, self._polls = getattr(self, "_polls", {}), {}
+        for c in polls.values():
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing; nothing to do about it
+                pass
+
+    def _poll_client(self, url: str) -> Any:
+        with self._lock:
+            polls = self.__dict__.setdefault("_polls", {})
+            c = polls.get(url)
+            if c is None:
+                c = polls[url] = self._client(url)
+            return c
+
+    def call(self, method: str, path: str, body: Any = None, *, long_poll: bool = False) -> Any:
         """One request; ControlPlaneDown on an outage (logged once), the StandbyError of
-        the answer otherwise (a 4xx: the control plane said no)."""
+        the answer otherwise (a 4xx: the control plane said no). `long_poll`: on a client
+        of its own, which `interrupt` closes (a stopping agent does not wait for it)."""
         url = self.url
+        if long_poll and getattr(self, "_interrupted", False):
+            raise ControlPlaneDown("the agent is stopping")
         try:
-            out = self.client(url).request(method, path, json=body)
+            client = self._poll_client(url) if long_poll else self.client(url)
+            try:
+                out = client.request(method, path, json=body)
+            except Exception:
+                if long_poll and getattr(self, "_interrupted", False):
+                    raise ControlPlaneDown("the agent is stopping") from None  # its client closed under it
+                raise
         except StandbyError as exc:
             if not _is_outage(exc):
                 self._answered(url)  # a refusal is an answer: the control plane is there
@@ -263,6 +292,7 @@ class ControlPlane:
             log.info("control plane is now %s (was %s)", url, before)
 
     def close(self) -> None:
+        self.interrupt()
         with self._lock:
             clients, self._clients = self._clients, []
         for c in clients:
@@ -309,6 +339,9 @@ class AgentRuntime:
         self._heartbeat_now = threading.Event()
         self._claim_now = threading.Event()
         self._fence_now = threading.Event()
+        self._desired_now = threading.Event()
+        self.cycles: Any = None  # agent.cycles.CycleScheduler, once started
+        self.spool: Any = None  # agent.cycles.ReportSpool
         self._fence_list: list[str] = []  # this host's VMs that failed over (the control plane says)
         self._fenced: set[str] = set()  # ... and were found off with autostart off
         self._queue: queue.Queue[RunningTask | None] = queue.Queue()
@@ -379,10 +412,22 @@ class AgentRuntime:
         def ctx() -> ssl.SSLContext:
             return client_ctx
 
-        self.env = TaskEnv(self.store, cfg.state_dir, self.driver, ctx, cfg.owns)
+        from standby.agent.cycles import REPORTS_FILE, CycleScheduler, ReportSpool, load_desired
+        from standby.replication.sender import RateLimiter
+
+        self.env = TaskEnv(self.store, cfg.state_dir, self.driver, ctx, cfg.owns, limiter=RateLimiter(None))
+        self.spool = ReportSpool(cfg.data_dir / REPORTS_FILE)
+        self.cycles = CycleScheduler(self.env, cfg.state_dir, self.spool, workers=self.workers)
+        last = load_desired(cfg.data_dir)
+        if last is not None:
+            log.info("replicating under the last desired state it saw (version %s, %d VM(s)) until the control "
+                     "plane says otherwise", last.version, len(last.vms))
+            self.cycles.update(last)
         for name, target in (("agent-heartbeat", self._heartbeat_loop), ("agent-inventory", self._inventory_loop),
                              ("agent-tasks", self._task_loop), ("agent-cp-watch", self._control_plane_watch),
-                             ("agent-fence", self._fence_loop)):
+                             ("agent-fence", self._fence_loop), ("agent-desired", self._desired_loop),
+                             ("agent-cycles", lambda: self.cycles.run(self._stop)),
+                             ("agent-reports", self._report_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             self._threads.append(t)
         for i in range(self.workers):
@@ -420,11 +465,22 @@ class AgentRuntime:
     def stop(self) -> None:
         log.info("agent %s stopping", self.cfg.name)
         self._stop.set()
-        for event in (self._inventory_now, self._heartbeat_now, self._claim_now, self._fence_now):
+        for event in (self._inventory_now, self._heartbeat_now, self._claim_now, self._fence_now,
+                      self._desired_now):
             event.set()
+        self.cp.interrupt()
+        if self.cycles is not None:
+            self.cycles.wake.set()
+            if not self.cycles.wait_idle(self.stop_grace):
+                log.warning("stopping with cycles in flight (items %s): their points are whole or absent",
+                            self.cycles.running())
+        if self.spool is not None:
+            self.spool.ready.set()
         if self.receiver is not None:
             self.receiver.stop()
         for t in self._threads:
+            if t.name == "agent-desired":
+                continue  # a long-poll in flight ends when the server answers; the thread then sees the stop
             t.join(timeout=self.cp.timeout + 5)
         for _ in self._workers:
             self._queue.put(None)
@@ -476,8 +532,10 @@ class AgentRuntime:
             if not self.cp.back.wait(0.5):
                 continue
             self.cp.back.clear()
-            for event in (self._heartbeat_now, self._claim_now, self._inventory_now):
+            for event in (self._heartbeat_now, self._claim_now, self._inventory_now, self._desired_now):
                 event.set()
+            if self.spool is not None:
+                self.spool.ready.set()
 
     def _refused(self, what: str, message: str | None) -> None:
         """Log a refusal (revoked agent, libvirt down, a report the control plane rejects)
@@ -500,7 +558,7 @@ class AgentRuntime:
         free, total = inv.storage(self.cfg.replicas_dir)
         running = self.running()
         facts = {"host": self.cfg.host, "listen": self.cfg.listen, "libvirt_uri": self.cfg.libvirt_uri,
-                 "domains": self.cfg.domains, "vm_prefix": self.cfg.vm_prefix,
+                 "domains": self.cfg.domains, "vm_prefix": self.cfg.vm_prefix, "owns_cycles": True,
                  "tasks_running": [rt.id for rt in running if rt.outcome is None],
                  "receiver": dict(self.receiver.stats) if self.receiver is not None else {}}
         t0 = time.time()
@@ -593,6 +651,86 @@ class AgentRuntime:
             log.warning("break-glass failover of %s (replica %s, point %s) reported to %s: item %s is %s, job %s",
                         rec.vm, rec.replica_vm, rec.point.get("id"), self.cp.answered_by, ans.get("item_id"),
                         ans.get("state"), ans.get("job_id"))
+
+    def _desired_loop(self) -> None:
+        """Follow the desired state (long-polled); keep the last one while the control plane
+        is away (see agent/cycles.py)."""
+        from standby.agent.cycles import LONG_POLL_SECONDS, save_desired
+        from standby.contract import DesiredState
+
+        delay = 0.0
+        away = False
+        while not self._stop.is_set():
+            have = self.cycles.state.version if self.cycles.state is not None else ""
+            try:
+                answer = self.cp.call("GET", f"/agent/desired?have={have}&wait={LONG_POLL_SECONDS:g}", long_poll=True)
+                state = DesiredState.model_validate(answer)
+                if state.version != have:
+                    save_desired(self.cfg.data_dir, state)
+                    self.cycles.update(state)
+                    log.info("desired state %s: %d VM(s) to replicate, %d replica(s) to keep%s", state.version,
+                             len(state.vms), len(state.replicas),
+                             f", bandwidth {state.bandwidth}" if state.bandwidth else "")
+                if away:
+                    log.info("desired state followed again")
+                away, delay = False, 0.0
+                continue
+            except ControlPlaneDown:
+                if self._stop.is_set():
+                    return
+                if not away and self.cycles.state is not None:
+                    log.warning("cut off from the control plane: replicating under the last desired state "
+                                "(version %s, %d VM(s)); reports wait until it is back", self.cycles.state.version,
+                                len(self.cycles.state.vms))
+                away = True
+                delay = self._backoff(delay)
+            except StandbyError as exc:
+                self._refused("desired state", exc.message)
+                delay = self._backoff(delay)
+            except Exception:  # noqa: BLE001 - a bug must not stop following the desired state
+                log.exception("desired state failed")
+                delay = self._backoff(delay)
+            if self._wait_or_back(min(delay, self.heartbeat_seconds), self._desired_now):
+                return
+
+    def _report_loop(self) -> None:
+        """Send the cycles' reports in batches (see agent/cycles.py)."""
+        from standby.agent.cycles import REPORT_SECONDS, report_batch
+
+        last_sent: tuple[Any, ...] | None = None
+        last_at = 0.0
+        delay = 0.0
+        while not self._stop.is_set():
+            self.spool.ready.wait(max(REPORT_SECONDS, delay))
+            self.spool.ready.clear()
+            if self._stop.is_set() and not len(self.spool):
+                return
+            batch = report_batch(self.spool, self.cycles)
+            what = (batch.desired_version, tuple(batch.active), tuple(batch.running))
+            if not batch.cycles and what == last_sent and time.monotonic() - last_at < 10 * REPORT_SECONDS:
+                continue
+            try:
+                ans = self.cp.call("POST", "/agent/reports", batch.model_dump(mode="json"))
+            except ControlPlaneDown:
+                delay = min(self._backoff(delay), self.heartbeat_seconds)
+                if self._stop.is_set():
+                    return
+                continue
+            except StandbyError as exc:
+                self._refused("reports", exc.message)
+                delay = self._backoff(delay)
+                continue
+            self._refused("reports", None)
+            delay = 0.0
+            self.spool.taken(len(batch.cycles))
+            last_sent, last_at = what, time.monotonic()
+            if len(batch.cycles) >= REPORT_BATCH_LOG:
+                log.info("%d cycle report(s) taken by the control plane (%s applied)", len(batch.cycles),
+                         (ans or {}).get("applied"))
+            if len(self.spool):
+                self.spool.ready.set()  # more were waiting: the next batch at once
+            if self._stop.is_set():
+                return
 
     def _heartbeat_loop(self) -> None:
         delay = 0.0

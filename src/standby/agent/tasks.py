@@ -97,6 +97,18 @@ class TaskEnv:
     driver: Callable[[], HypervisorDriver]
     client_context: Callable[[], ssl.SSLContext]
     owns: Callable[[str], bool] = field(default=lambda vm: True)
+    # The bandwidth every cycle of this agent shares (the site pair's schedule; None: no limit).
+    limiter: Any = None
+    _vm_locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
+    _locks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def vm_lock(self, vm: str) -> threading.Lock:
+        """One cycle of a VM at a time (its own timer's and a job's final sync share it)."""
+        with self._locks_lock:
+            lock = self._vm_locks.get(vm)
+            if lock is None:
+                lock = self._vm_locks[vm] = threading.Lock()
+            return lock
 
 
 @dataclass(frozen=True)
@@ -189,7 +201,7 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
         raise BadInput(f"task parameter 'consistency' must be crash, app or auto, not {consistency!r}")
     timeout = _number(params, "timeout_seconds", 60.0) or 60.0
     disk_ids = disk_id_map(params, required=False)
-    opts = SenderOptions(compress=_compress(params.get("compress")), timeout=timeout,
+    opts = SenderOptions(compress=_compress(params.get("compress")), timeout=timeout, limiter=env.limiter,
                          meta={"item_id": params.get("item_id")} if params.get("item_id") is not None else {})
     taken: dict[str, Any] = {}
     driver = env.driver()
@@ -207,10 +219,11 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
         progress.set(1, f"checkpoint {session.checkpoint or '(none)'} taken ({session.consistency}); sending")
 
     try:
-        res = replicate_vm(driver, vm, endpoint, env.client_context(), env.state_dir,
-                           consistency=str(consistency), options=opts, on_session=on_session, disk_ids=disk_ids,
-                           force_hash_scan=bool(params.get("force_hash_scan", False)),
-                           progress=progress.add_bytes, recovery=_recovery(params))
+        with env.vm_lock(vm):
+            res = replicate_vm(driver, vm, endpoint, env.client_context(), env.state_dir,
+                               consistency=str(consistency), options=opts, on_session=on_session, disk_ids=disk_ids,
+                               force_hash_scan=bool(params.get("force_hash_scan", False)),
+                               progress=progress.add_bytes, recovery=_recovery(params))
     except CycleFailed as exc:
         # Some disks committed: the control plane gets which, with the failure.
         exc.partial = _cycle_result(exc.result, taken.get("at"))  # type: ignore[attr-defined]

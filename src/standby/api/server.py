@@ -273,6 +273,7 @@ class ControlPlaneServer:
         self.app = create_app(services)
         self._config = uvicorn_config(settings, self.app, log_level=log_level)
         self._server = uvicorn.Server(self._config)
+        self.app.state.uvicorn = self._server  # long-polls end when it starts to exit
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self.host, self.port = parse_listen(settings.listen)
@@ -359,6 +360,7 @@ def serve(settings: ServerSettings, *, services: Any = None, log_level: str | No
         services = ControlPlaneServices(settings)
     app = create_app(services)
     server = uvicorn.Server(uvicorn_config(settings, app, log_level=log_level))
+    app.state.uvicorn = server  # long-polls end when it starts to exit
     sock = _bind(settings)
     log.info("control plane %s listening on https://%s (data dir %s)", __version__, settings.listen, settings.data_dir)
     try:

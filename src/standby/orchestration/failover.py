@@ -65,6 +65,7 @@ from standby.domain.recovery_points import (
     point_of_cycle,
 )
 from standby.errors import BadInput, NotFound, Refused, RemoteError, StandbyError
+from standby.orchestration import agents as agents_svc
 from standby.orchestration.protection import item_context, resolve_item
 from standby.orchestration.replicate import disk_id_for
 from standby.orchestration.runner import JobCancelled, JobHandler, JobRunner, RunnerStopping, Step, StepContext
@@ -95,6 +96,7 @@ FAILOVER_JOB_KINDS = tuple(k.value for k in Kind)
 MATERIALIZE_ATTEMPTS = 3   # a point chosen by rule, pruned before materialize pinned it: chosen again
 STOP_TIMEOUT = 120.0        # a guest shutdown, forced off after this (stop_vm's timeout_seconds)
 FENCE_DEADLINE = 300.0      # an unplanned failover waits this long for an unreachable source
+QUIESCE_TIMEOUT = 120.0     # an agent running its own cycles has this long to say it stopped a VM's
 RESYNC_TIMEOUT = 24 * 3600.0
 OPEN = ("queued", "claimed")
 # Events the scheduler records itself when a cycle succeeds: the step records them only
@@ -707,6 +709,32 @@ class _Run:
                 raise RemoteError("a replication cycle that was running did not end")
             if self.ctx.runner.wait_stopping(self.ctx.settings.tick_seconds):
                 raise RunnerStopping()
+        # An agent that runs its own cycles stops this VM's when its desired state no longer
+        # lists it; it says so in its reports (a cycle in flight ends first).
+        end = time.monotonic() + QUIESCE_TIMEOUT
+        while True:
+            with self.store.read() as s:
+                item = items.get(s, self.item_id)
+                since = item.state_changed_at or item.updated_at
+                source = self._cycle_source(s, item)
+                if source is None or not agents_svc.owns_cycles(source) \
+                        or agents_svc.replication_stopped(source, self.item_id, since):
+                    return
+            if time.monotonic() > end:
+                log.warning("item %s: agent %s did not report its cycles stopped within %.0f s; going on (its "
+                            "next cycle of this VM waits for the VM's lock)", self.item_id, source.name,
+                            QUIESCE_TIMEOUT)
+                return
+            if self.ctx.runner.wait_stopping(self.ctx.settings.tick_seconds):
+                raise RunnerStopping()
+
+    def _cycle_source(self, s: Session, item: ProtectedItem) -> Agent | None:
+        """The agent that ran the item's cycles before the switch (None: gone)."""
+        site = Site.SECONDARY if self.wf.kind in (Kind.FAILBACK,) else Site.PRIMARY
+        try:
+            return self._agent(s, site)
+        except Refused:
+            return None
 
     def _final_sync(self, a: Action, it: dict[str, Any], replica: str) -> None:
         source = a.site

@@ -549,6 +549,10 @@ def _replicate_now_step(ctx: StepContext) -> None:
         _check_replicating(item)
         if item.error and item.error.startswith(NOT_STARTED):
             item.error = None  # a fresh attempt: the scheduler says again if it still cannot start one
+        # an agent that runs its own cycles starts one when its desired state's run_now moves
+        details = dict(item.details or {})
+        details["run_now"] = int(details.get("run_now") or 0) + 1
+        item.details = details
         if tasks.open_task_for_item(s, item.id, "cycle") is None:
             items.schedule(s, item.id, _now())
     ctx.report(100, "cycle requested")
@@ -566,13 +570,18 @@ def _wait_cycle_step(ctx: StepContext) -> None:
     since = datetime.fromisoformat(str(ctx.payload["requested_at"]))
 
     def finished(s: Session) -> dict[str, Any] | None:
+        item = items.get(s, item_id)
+        report = (item.details or {}).get("last_report") or {}
+        if isinstance(report.get("started_at"), (int, float)) and report["started_at"] >= since.timestamp():
+            if not report.get("ok"):  # the agent's own cycle, started after the request
+                raise RemoteError(f"the replication cycle failed: {report.get('error') or 'no reason given'}")
+            return {"cycle_id": report.get("cycle_id"), "bytes_sent": report.get("bytes_sent")}
         task = _cycle_after(s, item_id, since)
         if task is not None and not task.is_open:
             if task.state != "succeeded":
                 raise RemoteError(f"the replication cycle {task.state}: {task.error or 'no reason given'}")
             # Plain values: the read session's objects expire when it ends.
             return {"task_id": task.id, "bytes_sent": (task.result or {}).get("bytes_sent")}
-        item = items.get(s, item_id)
         if not lifecycle.is_replicating(State(item.state)):
             raise Refused(f"VM {item.vm.name} stopped replicating ({item.state}) before the cycle ran")
         if task is None and item.error and item.error.startswith(NOT_STARTED) and item.updated_at >= since:

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, aliased, selectinload
 from standby.domain import health as health_rules
 from standby.domain import lifecycle
 from standby.contract import CycleReport
+from standby.domain.cycles import consistency_for, next_cycle_after, retry_at
 from standby.domain.lifecycle import Event, ItemContext, Site, State
 from standby.errors import NotFound
 from standby.orchestration import agents as agent_svc
@@ -60,8 +61,6 @@ ITEM_ALERT_KINDS = (RPO_BREACH, STORAGE_LOW, RESYNC_REQUIRED)
 ALERT_SEVERITY = {RPO_BREACH: "warning", STORAGE_LOW: "warning", RESYNC_REQUIRED: "critical"}
 
 SENDER_TIMEOUT_SECONDS = 60  # the sender's I/O timeout in a cycle task (`replicate --timeout`)
-FAILURE_BACKOFF_MAX = 30.0  # a failed cycle is retried after min(frequency, this)
-CONTINUOUS_FAILURE_BACKOFF = 10.0  # continuous replication retries a failed cycle after this
 MISSING_AGENT_RETRY = 30.0  # an item whose agents are missing is looked at again after this
 NOT_STARTED = "replication cycle not started"  # prefix of item.error when a cycle cannot be dispatched
 AUTO_RESYNCS = 3  # integrity failures in a row resynchronized automatically; then the operator decides
@@ -80,13 +79,14 @@ def item_subject(vm_name: str) -> str:
     return f"item:{vm_name}"
 
 
-def consistency_for(app_interval_hours: int, last_app_consistent_at: datetime | None, now: datetime) -> str:
-    """'app' when the policy takes app-consistent points and one is due, else 'crash'."""
-    if app_interval_hours <= 0:
-        return "crash"
-    if last_app_consistent_at is None:
-        return "app"
-    return "app" if now - last_app_consistent_at >= timedelta(hours=app_interval_hours) else "crash"
+def _released(item: ProtectedItem, now: datetime) -> None:
+    """An item whose agent owns its cycles: `next_cycle_at` says only that the protect job
+    released it for cycles (a scheduled or offline initial replication holds it back); once
+    it has a recovery point, the agent alone times it."""
+    if item.last_recovery_point_id is not None:
+        item.next_cycle_at = None
+    elif item.next_cycle_at is None or item.next_cycle_at > now:
+        item.next_cycle_at = item.next_cycle_at or now
 
 
 def agents_by_host(s: Session, settings: ServerSettings, now: datetime) -> dict[str, _AgentView]:
@@ -169,21 +169,6 @@ def recovery_params(item: ProtectedItem, mappings: Mapping[str, str], *, reverse
             "policy": {"name": p.name, "copy_frequency_seconds": p.copy_frequency_seconds,
                        "retention_hours": p.recovery_point_retention_hours,
                        "app_consistent_interval_hours": p.app_consistent_interval_hours}}
-
-
-def next_cycle_after(started_at: datetime, frequency_seconds: int, now: datetime) -> datetime:
-    """Next cycle = the previous cycle's start + frequency (continuous: now). A cycle that
-    took longer than the frequency makes the next one due now, not in the past."""
-    if frequency_seconds <= 0:
-        return now
-    return max(started_at + timedelta(seconds=frequency_seconds), now)
-
-
-def retry_at(frequency_seconds: int, now: datetime) -> datetime:
-    """When a failed cycle is tried again: after min(frequency, 30 s); continuous after 10 s
-    (not at once: a cycle that fails at once would otherwise spin)."""
-    wait = CONTINUOUS_FAILURE_BACKOFF if frequency_seconds <= 0 else min(float(frequency_seconds), FAILURE_BACKOFF_MAX)
-    return now + timedelta(seconds=wait)
 
 
 def needs_resync(error_type: str | None, result: Mapping[str, Any] | None) -> bool:
@@ -484,9 +469,10 @@ class Scheduler:
             item.updated_at = now
             return None
         source, params = plan
-        item.next_cycle_at = None
         if source.owns_cycles:
+            _released(item, now)  # its agent times its cycles (desired state); no task
             return None
+        item.next_cycle_at = None
         return tasks.NewTask(agent_id=source.id, kind=CYCLE, params=params, item_id=item.id)
 
     # ------------------------------------------------------------ 4. health and alerts
@@ -614,6 +600,10 @@ class Scheduler:
         if report.cycle_id in seen:
             return False
         details["reported_cycles"] = (seen + [report.cycle_id])[-REPORTS_REMEMBERED:]
+        # what a "replicate now" job waits for: a cycle that started after its request
+        details["last_report"] = {"cycle_id": report.cycle_id, "started_at": report.started_at, "ok": report.ok,
+                                  "error": (report.error or "")[:500] or None,
+                                  "bytes_sent": report.result.get("bytes_sent")}
         item.details = details
         self._apply(session, item, CycleOutcome.of_report(report, reverse=_state(item.state) is State.REVERSE_REPLICATING),
                     now)
@@ -739,8 +729,10 @@ class Scheduler:
                     self._transition(s, item, Event.RESYNC_STARTED)
             item.error = error  # transitions reset the error field
         item.details = details
-        item.next_cycle_at = (retry_at(item.policy.copy_frequency_seconds, now)
-                              if self._replicates(item) and schedules else None)
+        if schedules:
+            item.next_cycle_at = retry_at(item.policy.copy_frequency_seconds, now) if self._replicates(item) else None
+        else:
+            _released(item, now)
         item.updated_at = now
         s.flush()
 

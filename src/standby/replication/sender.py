@@ -169,6 +169,14 @@ class RateLimiter:
     def active(self) -> bool:
         return self.schedule is not None
 
+    def set_schedule(self, schedule: Schedule | None) -> None:
+        """Follow another schedule from now on (an agent's desired state changed it)."""
+        with self._lock:
+            self.schedule = schedule
+            now = self.clock()
+            self.bucket.set_rate(schedule.rate_at(self.now_local()) if schedule else None, now)
+            self._checked = now
+
     def consume(self, n: int) -> None:
         if self.schedule is None:
             return

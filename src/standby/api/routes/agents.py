@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
@@ -105,6 +105,7 @@ DESIRED_POLL = 0.25  # how often a long-poll looks at the change counter (no dat
 
 @agent_router.get("/desired", response_model=DesiredState)
 async def desired(
+    request: Request,
     have: Annotated[str | None, Query(max_length=64, description="the version the agent has")] = None,
     wait: Annotated[float, Query(ge=0, le=DESIRED_WAIT_MAX, description="seconds to wait for a change")] = 0,
     ident: AgentIdentity = Depends(require_agent),
@@ -124,12 +125,17 @@ async def desired(
                 raise Unauthorized(f"agent {ident.name!r} is no longer registered with this certificate")
             return desired_mod.desired_state(s, services.settings, agent, utcnow())
 
+    server = getattr(request.app.state, "uvicorn", None)
+
+    def exiting() -> bool:  # a stopping server answers its long-polls at once
+        return bool(server is not None and server.should_exit)
+
     while True:
         seen = notifier.current
         state = await run_in_threadpool(compute)
-        if state.version != have or time.monotonic() >= deadline:
+        if state.version != have or time.monotonic() >= deadline or exiting():
             return state
-        while notifier.current == seen and time.monotonic() < deadline:
+        while notifier.current == seen and time.monotonic() < deadline and not exiting():
             await asyncio.sleep(DESIRED_POLL)
 
 
