@@ -107,3 +107,16 @@ def test_desired_state_and_reports(cp: ControlPlane, tmp_path: Path) -> None:
     assert agent_a.post("/agent/reports", json={"cycles": [scan]}).json()["applied"] == 1
     assert admin.get("/items/web01").json()["state"] == "protected"
     assert desired(agent_a)["vms"][0]["cycle"]["force_hash_scan"] is False
+
+    # the pair's bandwidth schedule reaches its sending agent (a 422 names a schedule it cannot read)
+    (pairing,) = admin.get("/pairings").json()["items"]
+    bad = admin.patch(f"/pairings/{pairing['id']}", json={"bandwidth": "08:00-18:00=fast"})
+    assert bad.status_code == 422 and "bandwidth" in bad.text, bad.text
+    before = desired(agent_a)
+    r = admin.patch(f"/pairings/{pairing['id']}", json={"bandwidth": "00:00-24:00=10MiB/s"})
+    assert r.status_code == 200 and r.json()["bandwidth"] == "00:00-24:00=10MiB/s", r.text
+    after = desired(agent_a)
+    assert after["bandwidth"] == "00:00-24:00=10MiB/s" and after["version"] != before["version"]
+    assert desired(agent_b)["bandwidth"] is None  # it sends nothing
+    assert admin.patch(f"/pairings/{pairing['id']}", json={"bandwidth": ""}).json()["bandwidth"] is None
+    assert desired(agent_a)["bandwidth"] is None

@@ -158,6 +158,7 @@ def pairing_out(pairing: CloudPairing) -> schemas.PairingOut:
         primary_cloud=pairing.primary.name,
         secondary_cloud=pairing.secondary.name,
         policies=[p.name for p in pairing.policies],
+        bandwidth=pairing.bandwidth_schedule,
         created_at=pairing.created_at,
     )
 

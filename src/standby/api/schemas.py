@@ -452,10 +452,31 @@ class PolicyOut(Out):
     updated_at: datetime
 
 
+def _schedule(text: str | None) -> str | None:
+    """A bandwidth schedule as domain/bandwidth.py reads it; empty: unlimited (None)."""
+    from standby.domain.bandwidth import Schedule
+
+    text = (text or "").strip()
+    if not text:
+        return None
+    Schedule.parse(text)  # ScheduleError is a ValueError: a 422 naming the field
+    return text
+
+
+BandwidthSchedule = Annotated[str | None, Field(max_length=500, description=(
+    'time windows and rates every replication cycle of the pair shares, e.g. '
+    '"Mon-Fri 08:00-18:00=10MiB/s, otherwise unlimited"; empty or null: unlimited')), AfterValidator(_schedule)]
+
+
 class PairingIn(Request):
     primary_cloud: Name
     secondary_cloud: Name
     policy: Name | None = None
+    bandwidth: BandwidthSchedule = None
+
+
+class PairingPatch(Request):
+    bandwidth: BandwidthSchedule
 
 
 class PairingPolicyIn(Request):
@@ -467,6 +488,7 @@ class PairingOut(Out):
     primary_cloud: str
     secondary_cloud: str
     policies: list[str]
+    bandwidth: str | None = Field(default=None, description="the pair's bandwidth schedule (null: unlimited)")
     created_at: datetime
 
 

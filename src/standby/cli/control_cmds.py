@@ -882,17 +882,34 @@ def policy_delete(c: Ctx, name: str = typer.Argument(..., help="The policy's nam
 
 def pairings_table(pairings: list[dict[str, Any]]) -> Table | str:
     rows = [[str(p.get("id")), escape(str(p.get("primary_cloud"))), escape(str(p.get("secondary_cloud"))),
-             escape(", ".join(p.get("policies") or [])) or "-", fmt_time(p.get("created_at"))] for p in pairings]
-    return _table("cloud pairings", ["id", "primary cloud", "secondary cloud", "policies", "created"], rows)
+             escape(", ".join(p.get("policies") or [])) or "-", escape(p.get("bandwidth") or "unlimited"),
+             fmt_time(p.get("created_at"))] for p in pairings]
+    return _table("cloud pairings", ["id", "primary cloud", "secondary cloud", "policies", "bandwidth", "created"], rows)
+
+
+_BANDWIDTH_HELP = ('Time windows and rates all replication of the pair shares, e.g. '
+                   '"Mon-Fri 08:00-18:00=10MiB/s, otherwise unlimited" (agents\' local time).')
 
 
 @api_command(top, "pair")
 def pair_cmd(c: Ctx, primary: str = typer.Argument(..., metavar="PRIMARY_CLOUD", help="The primary cloud."),
              secondary: str = typer.Argument(..., metavar="SECONDARY_CLOUD", help="The secondary cloud."),
-             policy: str = typer.Option(None, "--policy", help="Associate this policy with the pairing.")) -> None:
+             policy: str = typer.Option(None, "--policy", help="Associate this policy with the pairing."),
+             bandwidth: str = typer.Option(None, "--bandwidth", metavar="SCHEDULE", help=_BANDWIDTH_HELP)) -> None:
     """Pair a primary cloud with a secondary cloud."""
-    body = {"primary_cloud": primary, "secondary_cloud": secondary, **({"policy": policy} if policy else {})}
+    body = {"primary_cloud": primary, "secondary_cloud": secondary, **({"policy": policy} if policy else {}),
+            **({"bandwidth": bandwidth} if bandwidth else {})}
     c.emit(c.api.post("/pairings", json=body), lambda p: console.print(pairings_table([p])))
+
+
+@api_command(top, "pair-bandwidth")
+def pair_bandwidth_cmd(c: Ctx, pairing_id: int = typer.Argument(..., metavar="ID", min=1, help="The pairing's id."),
+                       schedule: str = typer.Argument(..., metavar="SCHEDULE",
+                                                      help=_BANDWIDTH_HELP + ' "unlimited" removes the limit.')) -> None:
+    """Set the bandwidth schedule a pair's replication shares; agents apply it within a second."""
+    text = "" if schedule.strip().lower() in ("unlimited", "none") else schedule
+    c.emit(c.api.patch(f"/pairings/{pairing_id}", json={"bandwidth": text}),
+           lambda p: console.print(pairings_table([p])))
 
 
 @api_command(top, "pairings")

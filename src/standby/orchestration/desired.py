@@ -79,15 +79,21 @@ def desired_state(session: Session, settings: ServerSettings, agent: Agent, now:
         policy = item.policy
         hosts = {Site.PRIMARY: item.vm.host.name,
                  Site.SECONDARY: item.secondary_host.name if item.secondary_host is not None else None}
-        if hosts[sites[0]] == host:
+        released = item.last_recovery_point_id is not None or item.next_cycle_at is not None
+        if hosts[sites[0]] == host and released:  # an offline seed in progress holds it back
+            # the schedule of the pair this agent sends for (a host sends for one pair: its cloud's;
+            # reverse replication uses the pair it came from)
+            bandwidth = bandwidth or item.pairing.bandwidth_schedule
             plan = sched.cycle_plan(item, agents_by_host, now, mappings)
             if isinstance(plan, tuple):
                 _source, params = plan
                 params = {**params, "consistency": "auto"}  # the agent times app-consistent points itself
+                start = (item.next_cycle_at.timestamp() if item.last_recovery_point_id is None
+                         and item.next_cycle_at is not None and item.next_cycle_at > now else None)
                 vms.append(DesiredVm(item_id=item.id, state=state.value, cycle=CycleParams.model_validate(params),
                                      copy_frequency_seconds=policy.copy_frequency_seconds,
                                      app_consistent_interval_hours=policy.app_consistent_interval_hours,
-                                     run_now=int((item.details or {}).get("run_now") or 0)))
+                                     run_now=int((item.details or {}).get("run_now") or 0), start_at=start))
         if hosts[sites[1]] == host and sched.should_prune(state):
             disk_ids = sorted((item.details or {}).get("disk_ids") or [])
             if disk_ids:
@@ -95,9 +101,6 @@ def desired_state(session: Session, settings: ServerSettings, agent: Agent, now:
                                                retention_hours=policy.recovery_point_retention_hours,
                                                app_consistent_interval_hours=policy.app_consistent_interval_hours,
                                                keep_all_points_minutes=policy.keep_all_points_minutes))
-        schedule = getattr(item.pairing, "bandwidth_schedule", None)
-        if bandwidth is None and schedule:
-            bandwidth = schedule
     return DesiredState(agent=agent.name, vms=vms, replicas=replicas, bandwidth=bandwidth).with_version()
 
 

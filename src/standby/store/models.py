@@ -290,6 +290,8 @@ class CloudPairing(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     primary_cloud_id: Mapped[int] = mapped_column(ForeignKey("clouds.id", ondelete="RESTRICT"), unique=True)
     secondary_cloud_id: Mapped[int] = mapped_column(ForeignKey("clouds.id", ondelete="RESTRICT"), index=True)
+    # time windows and rates every replication cycle of the pair shares (domain/bandwidth.py); None: unlimited
+    bandwidth_schedule: Mapped[str | None] = mapped_column(String(500), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     primary: Mapped[Cloud] = relationship(foreign_keys=[primary_cloud_id])

@@ -80,7 +80,7 @@ def delete_policy(name: str, store: Store = Depends(deps.store)) -> Response:
 def pair_clouds(body: schemas.PairingIn, store: Store = Depends(deps.store)) -> schemas.PairingOut:
     """Pair a primary cloud with a secondary cloud, and associate a policy with the pairing."""
     with store.transaction() as s:
-        pairing = policies_repo.pair_clouds(s, body.primary_cloud, body.secondary_cloud)
+        pairing = policies_repo.pair_clouds(s, body.primary_cloud, body.secondary_cloud, bandwidth=body.bandwidth)
         if body.policy is not None:
             policies_repo.associate(s, body.policy, pairing.id)
         return deps.pairing_out(pairing)
@@ -96,6 +96,17 @@ def list_pairings(store: Store = Depends(deps.store)) -> schemas.ListOut[schemas
 def get_pairing(pairing_id: schemas.IdPath, store: Store = Depends(deps.store)) -> schemas.PairingOut:
     with store.read() as s:
         return deps.pairing_out(policies_repo.get_pairing(s, pairing_id))
+
+
+@router.patch("/pairings/{pairing_id}", response_model=schemas.PairingOut, tags=["pairings"])
+def update_pairing(pairing_id: schemas.IdPath, body: schemas.PairingPatch,
+                   store: Store = Depends(deps.store)) -> schemas.PairingOut:
+    """Set the pair's bandwidth schedule; its agents apply it within a second (their desired state)."""
+    with store.transaction() as s:
+        pairing = policies_repo.get_pairing(s, pairing_id)
+        pairing.bandwidth_schedule = body.bandwidth
+        s.flush()
+        return deps.pairing_out(pairing)
 
 
 @router.delete("/pairings/{pairing_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["pairings"])

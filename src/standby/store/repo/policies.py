@@ -135,14 +135,14 @@ def delete_policy(session: Session, name: str) -> None:
 # ---------------------------------------------------------------- pairings
 
 
-def pair_clouds(session: Session, primary: str, secondary: str) -> CloudPairing:
+def pair_clouds(session: Session, primary: str, secondary: str, bandwidth: str | None = None) -> CloudPairing:
     if primary == secondary:
         raise BadInput(f"cloud {primary!r} cannot be paired with itself")
     p, s = get_cloud(session, primary), get_cloud(session, secondary)
     existing = pairing_of_primary(session, primary)
     if existing is not None:
         raise Conflict(f"cloud {primary!r} is already paired with {existing.secondary.name!r}")
-    pairing = CloudPairing(primary_cloud_id=p.id, secondary_cloud_id=s.id)
+    pairing = CloudPairing(primary_cloud_id=p.id, secondary_cloud_id=s.id, bandwidth_schedule=bandwidth)
     session.add(pairing)
     session.flush()
     return pairing
