@@ -112,6 +112,8 @@ class HealthOut(BaseModel):
     epoch: int | None = None  # bumped by every promotion: agents follow the highest
     active_url: str | None = None  # the active control plane, as the database says
     reason: str | None = None  # why passive
+    worker: int | None = None  # the process that answered (one of `server run --workers N`)
+    leader: bool | None = None  # whether it runs the scheduler and job runner
 
 
 # ---------------------------------------------------------------- agents (certificate or key)

@@ -351,9 +351,17 @@ def _quiet_after_exit_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def serve(settings: ServerSettings, *, services: Any = None, log_level: str | None = None) -> None:
+def serve(settings: ServerSettings, *, services: Any = None, log_level: str | None = None,
+          workers: int = 1, sock: socket.socket | None = None) -> None:
     """Run the control plane in this thread until SIGTERM or SIGINT (then stop cleanly:
-    requests in flight finish, the services stop, and this returns)."""
+    requests in flight finish, the services stop, and this returns). `workers` > 1: that
+    many processes on PostgreSQL (`api/workers.py`); `sock`: a bound listener to serve on
+    (a worker's, left open)."""
+    if workers > 1:
+        from standby.api.workers import serve_workers
+
+        serve_workers(settings, workers, log_level=log_level)
+        return
     if services is None:
         from standby.orchestration.service import ControlPlaneServices
 
@@ -361,7 +369,8 @@ def serve(settings: ServerSettings, *, services: Any = None, log_level: str | No
     app = create_app(services)
     server = uvicorn.Server(uvicorn_config(settings, app, log_level=log_level))
     app.state.uvicorn = server  # long-polls end when it starts to exit
-    sock = _bind(settings)
+    owned = sock is None
+    sock = sock or _bind(settings)
     log.info("control plane %s listening on https://%s (data dir %s)", __version__, settings.listen, settings.data_dir)
     try:
         with _quiet_after_exit_signals():
@@ -372,5 +381,6 @@ def serve(settings: ServerSettings, *, services: Any = None, log_level: str | No
         if not server.started:
             raise _startup_failure(app)
     finally:
-        sock.close()
+        if owned:
+            sock.close()
 

@@ -219,6 +219,9 @@ def server_run(
                                             help="No heartbeat for this long: the agent is stale, alert "
                                                  "heartbeat_lost (default 30)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    workers: int = typer.Option(1, "--workers", min=1, max=64,
+                                help="Processes serving the API (PostgreSQL only; one leads the scheduler "
+                                     "and job runner, another takes over if it dies)."),
 ) -> None:
     """Run the control plane (API, scheduler, job runner) until SIGTERM or Ctrl-C."""
     from standby.api.server import load_settings, serve
@@ -231,8 +234,9 @@ def server_run(
                                                   ("heartbeat_seconds", heartbeat_seconds),
                                                   ("heartbeat_timeout", heartbeat_timeout)) if v is not None}
     settings = load_settings(data_dir.expanduser(), **overrides)
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(settings, log_level=log_level.lower())
+    fmt = "%(asctime)s %(levelname)s %(name)s" + ("[%(process)d]" if workers > 1 else "") + ": %(message)s"
+    logging.basicConfig(stream=sys.stderr, level=level, format=fmt)
+    serve(settings, log_level=log_level.lower(), workers=workers)
 
 
 def register(app: typer.Typer) -> None:

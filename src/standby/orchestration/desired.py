@@ -186,3 +186,53 @@ class ChangeNotifier:
                 event.remove(t, name, fn)
         self._listeners = []
 
+
+
+class PgChangeRelay:
+    """Several API workers on PostgreSQL: this worker's changes are announced with NOTIFY
+    on `NOTIFY_CHANNEL`, and the others' wake this worker's long-polls (LISTEN, on a
+    connection of its own). A notice may come back to the worker that sent it: a long-poll
+    woken for nothing computes the same version and waits on."""
+
+    def __init__(self, notifier: ChangeNotifier, store: Store) -> None:
+        self.notifier = notifier
+        self.store = store
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.conninfo = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def _notify(self) -> None:
+        from sqlalchemy import text
+
+        with self.store.engine.connect() as conn:
+            conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+            conn.commit()
+
+    def start(self) -> None:
+        self.notifier._pg_notify = self._notify
+        self._thread = threading.Thread(target=self._listen, name="standby-desired-listen", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.notifier._pg_notify = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _listen(self) -> None:
+        import psycopg
+
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    backoff = 1.0
+                    self.notifier.bump(announce=False)  # whatever changed while not listening
+                    while not self._stop.is_set():
+                        if any(True for _ in conn.notifies(timeout=1.0)):
+                            self.notifier.bump(announce=False)
+            except Exception as exc:  # noqa: BLE001 - the database may be away for a while
+                log.warning("LISTEN %s: %s; again in %.0f s", NOTIFY_CHANNEL, type(exc).__name__, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)

@@ -19,6 +19,13 @@ active. Becoming active after a promotion (or taking over from another control p
 bumps the **epoch** in `control_plane_state`; agents remember the highest epoch they have
 seen and do not follow a control plane with a lower one (the old site's, if it comes back
 believing it is still active: it cannot know it was replaced).
+
+Several workers (`server run --workers N`, PostgreSQL): the workers of one running
+instance share an instance id. The one holding the lock is the **leader**: it runs the
+scheduler, the job runner and the webhooks, and records the instance in
+`control_plane_state.active_instance`. The others are active too (they serve changes) but
+lead nothing; each tries the lock every second, so when the leader dies (its database
+session ends, and the lock with it) another worker leads within a second or two.
 """
 
 from __future__ import annotations
@@ -88,11 +95,13 @@ def read_state(store: Store) -> ControlPlaneState | None:
 class RoleKeeper:
     """Decides this control plane's role and holds the active lock while it is active."""
 
-    def __init__(self, store: Store, *, name: str, url: str) -> None:
+    def __init__(self, store: Store, *, name: str, url: str, instance: str | None = None) -> None:
         self.store = store
         self.name = name
         self.url = url
+        self.instance = instance  # the running instance's id when it has several workers
         self.role = Role.PASSIVE
+        self.leader = False  # holds the lock (runs the services); an active worker may not
         self.reason = "not started"
         self.last_view: RoleView | None = None  # refreshed every second: /health reads no database
         self._lock_conn: Connection | None = None
@@ -159,23 +168,32 @@ class RoleKeeper:
                 os.close(self._lock_fd)
                 self._lock_fd = None
             self.role = Role.PASSIVE
+            self.leader = False
             self.reason = "stopped"
 
     # ------------------------------------------------------------------ the role
 
     def try_activate(self, *, promoted: bool = False) -> bool:
-        """Become active if this database accepts writes and the lock is free. `promoted`:
-        the database just left recovery (the epoch goes up)."""
+        """Become active (and the leader) if this database accepts writes and the lock is
+        free; or active without leading when a sibling worker of this instance holds it.
+        `promoted`: the database just left recovery (the epoch goes up)."""
         with self._mutex:
-            if self.role is Role.ACTIVE:
+            if self.role is Role.ACTIVE and self.leader:
                 return True
             if in_recovery(self.store):
+                self.role, self.leader = Role.PASSIVE, False
                 self.reason = ("its database is a standby (in recovery): promote it with `standby server promote` "
                                "to make this control plane active")
                 return False
             why = self._take_lock()
             if why is not None:
-                self.reason = why
+                if self._sibling_leads():
+                    if self.role is not Role.ACTIVE:
+                        log.info("control plane %s: a worker of instance %s, which another worker leads",
+                                 self.name, self.instance)
+                    self.role, self.reason, self.leader = Role.ACTIVE, "", False
+                    return True
+                self.role, self.leader, self.reason = Role.PASSIVE, False, why
                 return False
             now = utcnow()
             with self.store.transaction() as s:
@@ -186,12 +204,23 @@ class RoleKeeper:
                 taking_over = promoted or (row.active_name is not None and row.active_name != self.name)
                 if taking_over:
                     row.epoch = (row.epoch or 1) + 1
-                row.active_name, row.active_url, row.active_since, row.seen_at = self.name, self.url, now, now
+                if not (self.instance and row.active_instance == self.instance and row.active_name == self.name):
+                    row.active_since = now  # a hand-over between one instance's workers is not a new spell
+                row.active_name, row.active_url, row.seen_at = self.name, self.url, now
+                row.active_instance = self.instance
                 epoch = row.epoch
-            self.role, self.reason = Role.ACTIVE, ""
-            log.info("control plane %s is active (epoch %d%s)", self.name, epoch,
-                     ", taken over" if taking_over else "")
+            self.role, self.reason, self.leader = Role.ACTIVE, "", True
+            log.info("control plane %s is active (epoch %d%s)%s", self.name, epoch,
+                     ", taken over" if taking_over else "",
+                     f": worker {os.getpid()} leads instance {self.instance}" if self.instance else "")
             return True
+
+    def _sibling_leads(self) -> bool:
+        """Whether the lock's holder is a worker of this running instance."""
+        if not self.instance:
+            return False
+        st = read_state(self.store)
+        return st is not None and st.active_name == self.name and st.active_instance == self.instance
 
     def touch(self) -> None:
         """The active one says it is alive (the passive one shows how long ago)."""

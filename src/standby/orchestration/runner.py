@@ -239,6 +239,23 @@ class JobRunner:
             self._active.add(job_id)
             self._pool.submit(self._run_guarded, job_id)
 
+    def poll(self, stop: threading.Event, interval: float = 1.0) -> None:
+        """Dispatch queued jobs found in the store every `interval` seconds: jobs another
+        worker of this control plane created (`server run --workers N`: only the leader's
+        runner runs jobs), and any whose dispatch at commit was missed."""
+        from sqlalchemy import select
+
+        while not stop.wait(interval) and not self._stop.is_set():
+            try:
+                with self.store.read() as s:
+                    ids = list(s.scalars(select(Job.id).where(Job.state == JobState.QUEUED.value)
+                                        .order_by(Job.id).limit(100)))
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.warning("looking for queued jobs failed", exc_info=True)
+                continue
+            for job_id in ids:
+                self.submit(job_id)
+
     def _run_guarded(self, job_id: int) -> None:
         try:
             self._run(job_id)

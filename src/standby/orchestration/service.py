@@ -23,7 +23,7 @@ import threading
 import time
 
 from standby.orchestration import failover, plans, protection
-from standby.orchestration.desired import ChangeNotifier
+from standby.orchestration.desired import ChangeNotifier, PgChangeRelay
 from standby.orchestration.role import TOUCH_SECONDS, Role, RoleKeeper
 from standby.orchestration.runner import JobRunner
 from standby.orchestration.scheduler import Scheduler
@@ -47,9 +47,11 @@ class ControlPlaneServices:
         self.settings = settings
         self._owns_store = store is None
         self.store = store if store is not None else open_store(settings.url, migrate="unless-standby")
-        self.role = RoleKeeper(self.store, name=settings.cp_name, url=settings.advertised_url)
+        self.role = RoleKeeper(self.store, name=settings.cp_name, url=settings.advertised_url,
+                               instance=settings.instance)
         self.desired = ChangeNotifier()
         self.desired.install(self.store)
+        self._relay: PgChangeRelay | None = None
         self._make_parts()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -76,14 +78,26 @@ class ControlPlaneServices:
             if self._state != "new":
                 raise RuntimeError(f"control plane services are {self._state}; make new ones to start again")
             self._state = "running"
+        if self.settings.instance and self.store.dialect == "postgresql":
+            # several workers: a change committed in one wakes the long-polls of all
+            self._relay = PgChangeRelay(self.desired, self.store)
+            self._relay.start()
         if self.role.try_activate():
-            self._start_active()
+            if self.role.leader:
+                self._start_active()
+            else:
+                self._follow()
         else:
             log.warning("control plane %s is passive: %s", self.role.name, self.role.reason)
         self.role.view()
         watcher = threading.Thread(target=self._watch_role, name="standby-role", daemon=True)
         self._threads.append(watcher)
         watcher.start()
+
+    def _follow(self) -> None:
+        """An active worker that does not lead: it serves the API; the jobs it creates stay
+        queued for the leader's runner, which finds them within a second."""
+        self.runner.stop()
 
     def _start_active(self, *, later: bool = False) -> None:
         if later:
@@ -97,6 +111,7 @@ class ControlPlaneServices:
             threading.Thread(target=self.scheduler.run, args=(stop,), name="standby-scheduler", daemon=True),
             threading.Thread(target=self.webhooks.run, args=(stop,), kwargs={"interval": WEBHOOK_PERIOD},
                              name="standby-webhooks", daemon=True),
+            threading.Thread(target=self.runner.poll, args=(stop,), name="standby-jobs-poll", daemon=True),
         ):
             self._threads.append(t)
             t.start()
@@ -107,7 +122,7 @@ class ControlPlaneServices:
         if stop is None:
             return
         stop.set()
-        for t in [t for t in self._threads if t.name in ("standby-scheduler", "standby-webhooks")]:
+        for t in [t for t in self._threads if t.name in ("standby-scheduler", "standby-webhooks", "standby-jobs-poll")]:
             t.join(JOIN_TIMEOUT)
             if t.is_alive():
                 log.warning("%s did not stop within %.0f s", t.name, JOIN_TIMEOUT)
@@ -122,12 +137,17 @@ class ControlPlaneServices:
         while not self._stop.wait(ROLE_PERIOD):
             try:
                 self.role.view()  # what /health and a passive 503 tell
-                if not self.active:
+                if not (self.active and self.role.leader):
+                    was_active = self.active  # a worker that did not lead
                     was_standby = self.role.reason.startswith("its database is a standby")
                     if self.role.try_activate(promoted=was_standby):
-                        self._make_parts()  # threads of a former active spell do not start twice
-                        self._start_active(later=True)
+                        if self.role.leader:
+                            self._make_parts()  # threads of a former active spell do not start twice
+                            # a worker taking over from its instance's leader keeps the instance's start
+                            self._start_active(later=not was_active)
                         self.role.view()
+                    elif was_active:
+                        log.warning("control plane %s is passive: %s", self.role.name, self.role.reason)
                     continue
                 if not self.role.lock_alive():
                     log.critical("control plane %s lost its active lock (its database connection ended): "
@@ -162,6 +182,8 @@ class ControlPlaneServices:
                     log.warning("%s did not stop within %.0f s", t.name, JOIN_TIMEOUT)
         self.runner.stop()
         self.role.release()
+        if self._relay is not None:
+            self._relay.stop()
         self.desired.uninstall()
         if self._owns_store:
             self.store.close()

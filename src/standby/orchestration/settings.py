@@ -34,6 +34,8 @@ class ServerSettings:
     # When this control plane started: agents get one heartbeat_timeout from then to
     # report in before their silence counts (domain.health.heard_from).
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc), compare=False)
+    # `server run --workers N`: the running instance's id, shared by its workers (role.py)
+    instance: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.heartbeat_seconds is None:

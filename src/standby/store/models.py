@@ -495,6 +495,9 @@ class ControlPlaneState(Base):
     epoch: Mapped[int] = mapped_column(default=1, server_default=text("1"))
     active_name: Mapped[str | None] = mapped_column(String(NAME))
     active_url: Mapped[str | None] = mapped_column(String(512))
+    # the running instance (`server run`, all its workers) whose leader holds the lock: its
+    # other workers serve changes too, another instance of the same name does not
+    active_instance: Mapped[str | None] = mapped_column(String(64))
     active_since: Mapped[datetime | None]
     seen_at: Mapped[datetime | None]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from datetime import timedelta
 from typing import Annotated
 
@@ -39,7 +41,8 @@ def health(services: deps.Services = Depends(deps.services)) -> schemas.HealthOu
         name=role.name if role is not None else None,
         epoch=view.epoch if view is not None else None,
         active_url=view.active_url if view is not None else None,
-        reason=role.reason if role is not None and not getattr(services, "active", True) else None)
+        reason=role.reason if role is not None and not getattr(services, "active", True) else None,
+        worker=os.getpid(), leader=bool(role.leader) if role is not None else None)
 
 
 # ---------------------------------------------------------------- API tokens
