@@ -120,3 +120,13 @@ def test_desired_state_and_reports(cp: ControlPlane, tmp_path: Path) -> None:
     assert desired(agent_b)["bandwidth"] is None  # it sends nothing
     assert admin.patch(f"/pairings/{pairing['id']}", json={"bandwidth": ""}).json()["bandwidth"] is None
     assert desired(agent_a)["bandwidth"] is None
+
+    # a report that arrives after a newer one (a spool sent late) counts, but the latest point stays
+    latest = admin.get("/items/web01").json()
+    late = _report(item_id, started=time.time() - 3600)
+    late["result"]["points"] = {DISK: "0000000003"}
+    assert agent_a.post("/agent/reports", json={"cycles": [late]}).json()["applied"] == 1
+    item = admin.get("/items/web01").json()
+    assert item["last_recovery_point_id"] == latest["last_recovery_point_id"] != "0000000003"
+    assert item["last_recovery_point_at"] == latest["last_recovery_point_at"]
+    assert item["bytes_replicated"] == latest["bytes_replicated"] + 4096

@@ -187,6 +187,7 @@ def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, co
     disks: list[DiskCycle] = []
     first_error: BaseException | None = None
     with driver.begin_cycle(vm, base, consistency) as session:
+        taken_at = time.time()  # the disks as of this moment (the checkpoint): the point's time
         if on_session is not None:
             on_session(session)
         cons = Consistency.APP if session.consistency == "app" else Consistency.CRASH
@@ -217,7 +218,8 @@ def replicate_vm(driver: HypervisorDriver, vm: str, endpoint: Endpoint | str, co
                 if source.kind is CycleKind.HASH_SCAN and latest is None:
                     source = _with_kind(source, CycleKind.SEED) or source
                 item.kind, item.resync_reason = source.kind.name.lower(), reason
-                meta = {"vm": vm, "disk": dc.target, "checkpoint": session.checkpoint, "cycle_kind": item.kind}
+                meta = {"vm": vm, "disk": dc.target, "checkpoint": session.checkpoint, "cycle_kind": item.kind,
+                        "taken_at": round(taken_at, 3)}
                 if reason:
                     meta["resync_reason"] = reason[:500]
                 if session.notes:

@@ -601,7 +601,8 @@ class Scheduler:
             return False
         details["reported_cycles"] = (seen + [report.cycle_id])[-REPORTS_REMEMBERED:]
         # what a "replicate now" job waits for: a cycle that started after its request
-        details["last_report"] = {"cycle_id": report.cycle_id, "started_at": report.started_at, "ok": report.ok,
+        details["last_report"] = {"cycle_id": report.cycle_id, "started_at": report.started_at,
+                                  "finished_at": report.finished_at, "ok": report.ok,
                                   "error": (report.error or "")[:500] or None,
                                   "bytes_sent": report.result.get("bytes_sent")}
         item.details = details
@@ -646,6 +647,7 @@ class Scheduler:
         )
         details = dict(item.details or {})
         details["disk_ids"] = sorted(points)
+        details["points_made"] = int(details.get("points_made") or 0) + 1  # every point this control plane heard of
         if isinstance(result.get("domain_xml"), str) and result["domain_xml"] and "disk_ids" not in o.params:
             # The source VM's configuration as of this point: a failover defines the replica from it.
             details["domain_xml"] = result["domain_xml"]

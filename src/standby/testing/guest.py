@@ -19,6 +19,10 @@ Its kernel command line chooses what it does:
   `standby-guest: shutdown last=L` and powers off, in about 2 s.
 - `mode=verify [area=MiB]`: scan the disk, print one line
   `standby-guest: verify last=L records=R torn=T gaps=G out_of_order=O ok=1` and power off.
+- `mode=stream rate=N [area=MiB]`: write N MiB/s (0: as fast as it can) in 1 MiB O_DIRECT
+  writes, round the disk (or its first `area` MiB), each from another offset of a random
+  pool so rewritten blocks change; prints `standby-guest: streamed mib=K` every 8 MiB. A
+  load for RPO measurements (`bench/rpo.py`), not a proof of data: nothing to verify.
 - `area=MiB` limits records and scans to the start of the disk.
 
 Costs under software emulation (2-core host): about 4-5 s from domain start to /init
@@ -471,6 +475,27 @@ write)
       [ $due -gt $now ] && usleep $(((due - now) * 10000))
     fi
   done ;;
+stream)
+  # rate MiB/s of 1 MiB writes over the first `area` MiB (all of it: 0), each from another
+  # offset of a 4 MiB random pool, so a block rewritten holds new data
+  mib=$((slots / 256)); [ $mib -gt 0 ] || die "disk too small"
+  dd if=/dev/urandom of=/tmp/pool bs=65536 count=64 iflag=fullblock 2>/dev/null || die "no pool"
+  say "stream start rate=$rate area=$mib"
+  now_cs; t0=$now; k=0; direct=oflag=direct
+  while [ -z "$stopping" ]; do
+    if ! dd if=/tmp/pool of=/dev/vda bs=65536 count=16 skip=$(((k * 7) % 48)) seek=$(((k % mib) * 16)) \
+        $direct conv=notrunc 2>/tmp/e; then
+      [ -n "$direct" ] || die "stream k=$k: $(cat /tmp/e)"
+      direct=; continue
+    fi
+    k=$((k + 1))
+    [ $((k % 8)) -eq 0 ] && say "streamed mib=$k"
+    if [ "$rate" -gt 0 ]; then
+      now_cs; due=$((t0 + k * 100 / rate))
+      [ $due -gt $now ] && usleep $(((due - now) * 10000))
+    fi
+  done
+  say "shutdown streamed=$k"; sync; poweroff -f; sleep 5 ;;
 *)
   die "unknown mode=$mode" ;;
 esac
@@ -816,11 +841,15 @@ def probe_kvm(image: GuestImage, timeout: float = 10.0) -> bool:
 
 
 def cmdline(mode: str, rate: int = 10, count: int = 0, area_mib: int = 0) -> str:
-    if mode not in ("write", "verify"):
-        raise ValueError(f"mode must be write or verify, not {mode!r}")
+    """The guest's kernel command line (the module doc): write `rate` records/s, verify, or
+    stream `rate` MiB/s."""
+    if mode not in ("write", "verify", "stream"):
+        raise ValueError(f"mode must be write, verify or stream, not {mode!r}")
     parts = ["console=ttyS0", "panic=-1", "quiet", f"mode={mode}"]
     if mode == "write":
         parts += [f"rate={int(rate)}", f"count={int(count)}"]
+    elif mode == "stream":
+        parts.append(f"rate={int(rate)}")
     if area_mib:
         parts.append(f"area={int(area_mib)}")
     return " ".join(parts)
@@ -877,6 +906,7 @@ def create_disk(path: str | os.PathLike[str], size_mib: int = 32, fmt: str = "qc
 
 
 _WROTE = re.compile(r"standby-guest: wrote seq=(\d+)")
+_STREAMED = re.compile(r"standby-guest: streamed mib=(\d+)")
 
 
 class Console:
@@ -894,6 +924,10 @@ class Console:
     def acked(self) -> int:
         """The highest sequence number the guest reported on disk (-1 if none)."""
         return max((int(m) for m in _WROTE.findall(self.text())), default=-1)
+
+    def streamed(self) -> int:
+        """MiB a stream-mode guest reported written (a multiple of 8; 0 if none)."""
+        return max((int(m) for m in _STREAMED.findall(self.text())), default=0)
 
     def verdict(self) -> Verdict | None:
         return Verdict.parse(self.text())

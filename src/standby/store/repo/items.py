@@ -210,10 +210,14 @@ def record_cycle(
         raise BadInput("bytes_sent cannot be negative")
     now = now_or(now)
     item = get(session, item_id, lock=True)
-    item.last_recovery_point_id = recovery_point_id
-    item.last_recovery_point_at = recovery_point_at
+    # A point older than the one known (a report that arrives after a newer one) counts its
+    # bytes but does not take the item's latest point back.
+    if item.last_recovery_point_at is None or recovery_point_at >= item.last_recovery_point_at:
+        item.last_recovery_point_id = recovery_point_id
+        item.last_recovery_point_at = recovery_point_at
+        item.rpo_seconds = (rpo_seconds if rpo_seconds is not None
+                            else max(0.0, (now - recovery_point_at).total_seconds()))
     item.bytes_replicated += bytes_sent
-    item.rpo_seconds = rpo_seconds if rpo_seconds is not None else max(0.0, (now - recovery_point_at).total_seconds())
     item.last_cycle_at = now
     item.next_cycle_at = next_cycle_at
     item.error = None
