@@ -814,12 +814,11 @@ class _Run:
             with self.store.read() as s:
                 item = items.get(s, self.item_id)
                 state, details = State(item.state), dict(item.details or {})
-                scans = [t for t in tasks.list_tasks(s, item_id=self.item_id, kind="cycle", states=["succeeded"],
-                                                     limit=50)
-                         if t.params.get("force_hash_scan") and since_t is not None and t.created_at >= since_t]
-                moved = sum(int((t.result or {}).get("bytes_sent", 0) or 0) for t in scans)
-                blocks = sum(int(((d.get("result") or {}).get("data_blocks")) or 0)
-                             for t in scans for d in (t.result or {}).get("disks") or [] if isinstance(d, dict))
+            # hash-scan cycles that started since this step did (a task's, or the agent's own)
+            scans = [sc for sc in details.get("scans") or []
+                     if since_t is not None and (parse_time(sc.get("started_at")) or since_t) >= since_t]
+            moved = sum(int(sc.get("bytes_sent") or 0) for sc in scans)
+            blocks = sum(int(sc.get("blocks") or 0) for sc in scans)
             done = (details.get("reverse_in_sync") if reverse else state is State.PROTECTED) and scans
             if done:
                 info["bytes"] = moved

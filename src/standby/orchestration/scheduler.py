@@ -70,6 +70,7 @@ FINISHED_TASK_RETENTION = timedelta(days=1)
 PURGE_EVERY = timedelta(minutes=10)
 POINT_ID_MAX = 80  # ProtectedItem.last_recovery_point_id
 REPORTS_REMEMBERED = 8  # cycle ids remembered per item: a report sent again is applied once
+SCANS_REMEMBERED = 5  # hash-scan cycles remembered per item (details.scans: started_at, blocks, bytes_sent)
 
 
 # ---------------------------------------------------------------- pure decisions
@@ -655,6 +656,13 @@ class Scheduler:
         if scanned:  # a cycle queued before a resync was asked for does not count as one
             details.pop("force_hash_scan", None)
             details.pop("auto_resyncs", None)
+            # what a resynchronization step reports (a task's or an agent's own cycle alike)
+            blocks = sum(int((d.get("result") or {}).get("data_blocks") or 0)
+                         for d in result.get("disks") or [] if isinstance(d, dict))
+            sent = result.get("bytes_sent")
+            details["scans"] = [*(details.get("scans") or []),
+                                {"started_at": started.isoformat(), "blocks": blocks,
+                                 "bytes_sent": sent if isinstance(sent, int) else 0}][-SCANS_REMEMBERED:]
         details.pop("failed_cycles", None)
         if o.params.get("consistency") == "app" or result.get("consistency") == "app":
             details["last_app_consistent_at"] = point_at.isoformat()
