@@ -102,6 +102,9 @@ VMS_PER_HOST = 100  # default of --vms-per-host: 5,000 items on 50 primary hosts
 SERVER_TICK_SECONDS = 86400.0  # the server's own scheduler: this process ticks instead
 CYCLE_BYTES = 1 << 20  # bytes_sent of every simulated cycle: applied cycles = sum(bytes_replicated) / this
 CLAIM_MAX = 4  # tasks asked for per claim (the contract's example)
+REPORT_SECONDS = 2.0  # agent/cycles.py: reports posted every 2 s ...
+REPORT_BATCH = 50  # ... or as soon as 50 wait
+DESIRED_WAIT = 25.0  # agent/cycles.py's long-poll
 OPERATOR_MIX = [("status", 15), ("items_page", 25), ("item", 35), ("jobs", 15), ("alerts", 10)]
 SITE_A, SITE_B = "bench-site-a", "bench-site-b"
 SERVER_A, SERVER_B = "bench-mgr-a", "bench-mgr-b"
@@ -207,6 +210,18 @@ class ScriptedAgentDouble:
         self.next_inventory = 0.0
         self.answered: dict[str, int] = {}
         self.bytes_reported = 0
+        # the desired-state contract (agents own their cycles)
+        self.owns_cycles = False
+        self.desired_version: str | None = None
+        self.desired_vms: dict[int, tuple[str, int]] = {}  # item id -> (vm, copy frequency s)
+        self.next_due: dict[int, float] = {}
+        self.pending: list[dict[str, Any]] = []
+        self.last_post = 0.0
+        self.cycles_made = 0
+        self.cycles_applied = 0
+        self.seq = 0
+        self.rnd = random.Random(name)
+        self._lock = threading.Lock()
 
     # -- registration (the real path: key + CSR, the private key stays here)
 
@@ -257,7 +272,8 @@ class ScriptedAgentDouble:
 
     def heartbeat(self, t: Timings) -> None:
         assert self.client is not None
-        body = {"version": "0.1.0", "storage_free_bytes": 4 << 40, "storage_total_bytes": 8 << 40, "facts": {}}
+        body = {"version": "0.1.0", "storage_free_bytes": 4 << 40, "storage_total_bytes": 8 << 40,
+                "facts": {"owns_cycles": True} if self.owns_cycles else {}}
         c = self.client
         out = _check(t.timed("heartbeat", lambda: c.post(f"{API}/agent/heartbeat", json=body)),
                      f"heartbeat of {self.name}")
@@ -281,6 +297,84 @@ class ScriptedAgentDouble:
             n += len(tasks)
             if len(tasks) < max_tasks:
                 return n
+
+    # -- the desired-state contract: what `agent/cycles.py` does, at its rates
+
+    def fetch_desired(self, t: Timings, wait: float) -> None:
+        """GET /agent/desired: at once without a version (timed as "desired"), else a
+        long-poll that answers on a change (timed as "desired_wait": mostly waiting)."""
+        assert self.client is not None
+        params: dict[str, Any] = {"have": self.desired_version, "wait": wait} if self.desired_version else {}
+        name = "desired_wait" if params else "desired"
+        out = _check(t.timed(name, lambda: self.client.get(f"{API}/agent/desired",  # type: ignore[union-attr]
+                                                           params=params, timeout=wait + 30)),
+                     f"desired state of {self.name}")
+        now = time.monotonic()
+        with self._lock:
+            if out["version"] == self.desired_version:
+                return
+            self.desired_version = out["version"]
+            vms = {v["item_id"]: (v["cycle"]["vm"], int(v["copy_frequency_seconds"])) for v in out["vms"]}
+            for item_id, (_vm, freq) in vms.items():
+                if item_id not in self.next_due:  # first seen: spread over one period, as running agents are
+                    self.next_due[item_id] = now + self.rnd.random() * max(freq, 1)
+            for gone in set(self.next_due) - set(vms):
+                del self.next_due[gone]
+            self.desired_vms = vms
+
+    def adopt(self, other: ScriptedAgentDouble) -> None:
+        """Take the desired VMs another instance (the long-polling one) fetched."""
+        with other._lock:
+            vms, due, version = dict(other.desired_vms), dict(other.next_due), other.desired_version
+        with self._lock:
+            self.desired_version = version
+            for item_id in vms:
+                self.next_due.setdefault(item_id, due[item_id])
+            for gone in set(self.next_due) - set(vms):
+                del self.next_due[gone]
+            self.desired_vms = vms
+
+    def run_cycles(self, now: float) -> int:
+        """The cycles due now, each made at once (a well-formed report of the real agent's
+        shape); the next one copy interval after this one started."""
+        made = 0
+        with self._lock:
+            for item_id, due in list(self.next_due.items()):
+                if due > now:
+                    continue
+                vm, freq = self.desired_vms[item_id]
+                self.seq += 1
+                started = time.time()
+                result = cycle_result({"vm": vm, "consistency": "crash"}, self.seq)
+                self.pending.append({"cycle_id": f"{self.name}-{self.seq}", "item_id": item_id, "vm": vm, "ok": True,
+                                     "started_at": started, "finished_at": started + 0.001, "consistency": "crash",
+                                     "result": result})
+                self.next_due[item_id] = due + max(freq, 1)
+                if self.next_due[item_id] < now:  # fell behind: no catch-up burst
+                    self.next_due[item_id] = now + max(freq, 1)
+                made += 1
+            self.cycles_made += made
+        return made
+
+    def post_reports(self, t: Timings, force: bool = False) -> int:
+        """POST /agent/reports every REPORT_SECONDS, or at once when REPORT_BATCH wait."""
+        assert self.client is not None
+        now = time.monotonic()
+        with self._lock:
+            if not self.pending or (not force and len(self.pending) < REPORT_BATCH
+                                    and now - self.last_post < REPORT_SECONDS):
+                return 0
+            batch = self.pending[:500]
+            body = {"desired_version": self.desired_version, "active": sorted(self.desired_vms), "running": [],
+                    "cycles": batch}
+        out = _check(t.timed("reports", lambda: self.client.post(f"{API}/agent/reports",  # type: ignore[union-attr]
+                                                                  json=body)), f"reports of {self.name}")
+        with self._lock:
+            del self.pending[:len(batch)]
+            self.last_post = now
+            self.cycles_applied += int(out.get("applied", 0))
+            self.bytes_reported += CYCLE_BYTES * len(batch)
+        return len(batch)
 
     # -- scripted answers
 
@@ -345,7 +439,9 @@ def load_main(cfg_path: str) -> None:
     ca = Path(cfg["ca"])
     doubles = [ScriptedAgentDouble(n, role=r, base_url=cfg["url"], ca=ca, workdir=work, vms=v)
                for n, r, v in cfg["agents"]]
+    owning = cfg.get("contract") == "desired"
     for d in doubles:
+        d.owns_cycles = owning
         d.connect()
     stop = threading.Event()
     drain = threading.Event()
@@ -373,7 +469,11 @@ def load_main(cfg_path: str) -> None:
                         if now >= d.next_inventory and not drain.is_set():
                             d.next_inventory = now + cfg["inventory_seconds"]
                             d.put_inventory(t)
-                        if now >= d.next_poll or drain.is_set():
+                        if owning:
+                            if not drain.is_set():
+                                d.run_cycles(now)
+                            answered += d.post_reports(t, force=drain.is_set())
+                        elif now >= d.next_poll or drain.is_set():
                             d.next_poll = now + cfg["poll_seconds"]
                             answered += d.poll(t)
                     except Transient as e:
@@ -381,6 +481,9 @@ def load_main(cfg_path: str) -> None:
                         answered += 1  # not idle: what it held is handed back at its next claim
                 if drain.is_set():
                     idle_rounds[k] = idle_rounds[k] + 1 if answered == 0 else 0
+                    continue
+                if owning:
+                    time.sleep(0.05)
                     continue
                 nxt = min(min(d.next_poll, d.next_inventory) for d in mine)
                 time.sleep(max(0.0, min(0.2, nxt - time.monotonic())))
@@ -403,12 +506,50 @@ def load_main(cfg_path: str) -> None:
         except Exception:  # noqa: BLE001 - reported to the parent
             errors.append(traceback.format_exc())
 
+    t_desired = [Timings() for _ in doubles]
+
+    def follow(i: int) -> None:
+        """One double's desired state, long-polled as agent/cycles.py does (its own connection)."""
+        d = doubles[i]
+        poller = ScriptedAgentDouble(d.name, role=d.role, base_url=cfg["url"], ca=ca, workdir=work)
+        poller.connect()
+        try:
+            while not stop.is_set():
+                try:
+                    poller.fetch_desired(t_desired[i], DESIRED_WAIT)
+                    d.adopt(poller)
+                except Transient as e:
+                    transient.append(str(e))
+                    stop.wait(1.0)
+                except httpx.HTTPError:
+                    if stop.is_set():
+                        return
+                    raise
+        except Exception:  # noqa: BLE001 - reported to the parent
+            if not stop.is_set():
+                errors.append(traceback.format_exc())
+        finally:
+            poller.close()
+
     t_beats = Timings()
     drivers = [threading.Thread(target=drive, args=(k,), daemon=True) for k in range(n_threads)]
     drivers.append(threading.Thread(target=heartbeats, daemon=True))
+    followers = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(len(doubles))] if owning else []
+    for th in followers:
+        th.start()
+    if owning:  # every double has its first desired state before the clock starts
+        deadline = time.monotonic() + 300
+        while any(d.desired_version is None for d in doubles) and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
     for th in drivers:
         th.start()
     time.sleep(cfg["warmup_s"])
+    if cfg.get("steady_s"):  # the agents alone: what the items cost the control plane
+        (work / "steady.start").write_text("")
+        made_s0, s0 = sum(d.cycles_made for d in doubles), time.time()
+        time.sleep(cfg["steady_s"])
+        steady = {"start": s0, "end": time.time(), "made": sum(d.cycles_made for d in doubles) - made_s0}
+        (work / "steady.done").write_text(json.dumps(steady))
 
     # -- the window: operator reads
     token = cfg["token"]
@@ -451,6 +592,7 @@ def load_main(cfg_path: str) -> None:
             errors.append(traceback.format_exc())
 
     (work / "window.start").write_text("")
+    made0 = sum(d.cycles_made for d in doubles)
     w0 = time.time()
     ops = [threading.Thread(target=operator, args=(i,)) for i in range(cfg["clients"])]
     for th in ops:
@@ -458,6 +600,7 @@ def load_main(cfg_path: str) -> None:
     for th in ops:
         th.join()
     w1 = time.time()
+    made1 = sum(d.cycles_made for d in doubles)
     (work / "window.done").write_text(json.dumps({"start": w0, "end": w1}))
 
     # -- drain: answer what the scheduler dispatched, until it stopped and nothing is left
@@ -470,14 +613,19 @@ def load_main(cfg_path: str) -> None:
     stop.set()
     for th in drivers:
         th.join(30)
+    for th in followers:
+        th.join(DESIRED_WAIT + 5)
     for d in doubles:
         d.close()
-    rows = [row for t in [*t_ops, *t_doubles, t_beats] for row in t.rows]
+    rows = [row for t in [*t_ops, *t_doubles, t_beats, *t_desired] for row in t.rows]
     Path(cfg["out"]).write_text(json.dumps({
         "window": [w0, w1], "rows": rows, "errors": errors, "transient": transient[:20],
         "answered": {k: sum(d.answered.get(k, 0) for d in doubles) for k in {"cycle", "prune", "delete_replica",
                                                                                 "list_points"}},
         "bytes_reported": sum(d.bytes_reported for d in doubles),
+        "cycles_made": sum(d.cycles_made for d in doubles), "cycles_made_in_window": made1 - made0,
+        "cycles_acked_applied": sum(d.cycles_applied for d in doubles),
+        "reports_pending": sum(len(d.pending) for d in doubles),
         "drained": min(idle_rounds) >= 2,
         "items_listed": max(listed) if listed else None,
     }))
@@ -519,10 +667,12 @@ class ControlPlane:
 
         init_data_dir(self.settings())
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, *, tick_seconds: float = SERVER_TICK_SECONDS, workers: int = 1) -> None:
         # `standby.api.server.serve` in a process of its own (the `_server` mode of this
-        # file). Its scheduler ticks once a day: this process runs (and measures) the ticks.
-        argv = [sys.executable, str(Path(__file__).resolve()), "_server", str(self.data_dir)]
+        # file). Under the task contract its scheduler ticks once a day: this process runs
+        # (and measures) the ticks; under the desired-state one it ticks as it does in use.
+        argv = [sys.executable, str(Path(__file__).resolve()), "_server", str(self.data_dir), str(tick_seconds),
+                str(workers)]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
@@ -539,6 +689,24 @@ class ControlPlane:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the control plane did not answer in {timeout:.0f} s:\n{self.tail()}")
                 time.sleep(0.2)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the control plane's processes (its workers too)."""
+        if self.proc is None:
+            return 0.0
+        pids = [self.proc.pid]
+        try:
+            pids += [int(p) for p in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        except FileNotFoundError:
+            pass
+        total = 0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (after the state field)
+        return total / os.sysconf("SC_CLK_TCK")
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -584,7 +752,10 @@ class BackendRun:
         a = self.a
         t0 = time.perf_counter()
         self.cp.init()
-        self.cp.start()
+        if a.contract == "desired":
+            self.cp.start(tick_seconds=a.tick_seconds, workers=a.workers)
+        else:
+            self.cp.start(workers=a.workers)
         from standby.store import open_store
 
         self.store = open_store(self.cp.settings().url)
@@ -632,6 +803,7 @@ class BackendRun:
                 pairings[c] = _check(op.post(f"{API}/pairings", json=body), "pairing")["id"]
             self.n_items = self._create_items(pairings)
             for d in self.doubles:  # populating may have taken longer than the heartbeat timeout
+                d.owns_cycles = a.contract == "desired"
                 d.connect()
                 d.heartbeat(t)
                 d.close()
@@ -719,7 +891,7 @@ class BackendRun:
         cfg = {"workdir": str(work), "url": self.cp.url, "ca": str(self.cp.ca), "token": self.cp.token,
                "agents": [(d.name, d.role, d.vms) for d in self.doubles], "double_threads": a.double_threads,
                "poll_seconds": a.poll_seconds, "inventory_seconds": a.inventory_seconds, "mix": self.mix,
-               "item_refs": self.item_refs, "out": str(work / "load.json"), **phase}
+               "item_refs": self.item_refs, "out": str(work / "load.json"), "contract": a.contract, **phase}
         for d in self.doubles:  # their keys and certificates, where the load process looks
             (work / d.name).symlink_to(d.dir)
         (work / "cfg.json").write_text(json.dumps(cfg))
@@ -794,6 +966,73 @@ class BackendRun:
             "scheduler_cpu_fraction": sum(cpu) / window,
             "cycles_dispatched_per_s": (mid["dispatched"] - before["dispatched"]) / (t_mid - t_before),
             "cycles_applied_per_s": (mid["applied"] - before["applied"]) / (t_mid - t_before),
+            "http_errors": sum(1 for r in rows if r[3] >= 400),
+            "drained": res["drained"],
+            "items_listed_per_page": res["items_listed"],
+        }
+
+    def repetition_desired(self, rep: int) -> dict[str, Any]:
+        """One repetition under the desired-state contract: the doubles run their cycles on
+        their timers and report them; the control plane (its own scheduler ticking) applies
+        them. Its CPU is read from /proc over the window."""
+        a = self.a
+        work = self.workdir / f"rep{rep}"
+        load = self.start_load(work, warmup_s=a.warmup, requests=a.requests, clients=a.clients,
+                               min_window_s=a.min_window, seed=a.seed + rep, drain_timeout_s=180.0,
+                               steady_s=a.steady)
+        before: dict[str, int] | None = None
+        t_before = 0.0
+        steady: dict[str, float] = {}
+        try:
+            while not (work / "window.done").exists():
+                if load.poll() is not None:
+                    raise RuntimeError(f"the load process exited ({load.returncode}) before its window ended")
+                if "cpu0" not in steady and (work / "steady.start").exists():
+                    steady.update(cpu0=self.cp.cpu_seconds(), t0=time.monotonic())
+                if "cpu1" not in steady and (work / "steady.done").exists():
+                    steady.update(cpu1=self.cp.cpu_seconds(), t1=time.monotonic())
+                if before is None and (work / "window.start").exists():
+                    before, t_before = self.counters(), time.monotonic()
+                time.sleep(0.05)
+            mid, t_mid = self.counters(), time.monotonic()
+            if before is None:
+                raise RuntimeError("the load process ended its window without starting it")
+            (work / "drain").write_text("")
+            load.wait(240)
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.wait()
+        res = json.loads((work / "load.json").read_text())
+        if res["errors"]:
+            raise RuntimeError("the load process failed:\n" + "\n".join(res["errors"][:3]))
+        w0, w1 = res["window"]
+        # long-polls answered after their wait are waiting, not serving: left out of the latencies
+        rows = [r for r in res["rows"] if w0 <= r[1] <= w1 and r[0] != "desired_wait"]
+        lat = [r[2] * 1000 for r in rows]
+        ops = {n for n, _ in OPERATOR_MIX}
+        by: dict[str, dict[str, float]] = {}
+        for name in sorted({r[0] for r in res["rows"] if w0 <= r[1] <= w1}):
+            xs = [r[2] * 1000 for r in res["rows"] if r[0] == name and w0 <= r[1] <= w1]
+            by[name] = {"n": len(xs), "p50_ms": round(pct(xs, 50), 2), "p99_ms": round(pct(xs, 99), 2)}
+        window = w1 - w0
+        if "cpu1" not in steady:
+            raise RuntimeError("the load process did not run its steady phase")
+        cpu, quiet = steady["cpu1"] - steady["cpu0"], steady["t1"] - steady["t0"]
+        return {
+            "window_s": window, "requests": len(rows),
+            "api_p50_ms": pct(lat, 50), "api_p95_ms": pct(lat, 95), "api_p99_ms": pct(lat, 99),
+            "operator_p99_ms": pct([r[2] * 1000 for r in rows if r[0] in ops], 99),
+            "agent_p99_ms": pct([r[2] * 1000 for r in rows if r[0] not in ops], 99),
+            "api_requests_per_s": len(rows) / window,
+            "by_endpoint": by,
+            "cycles_made_per_s": res["cycles_made_in_window"] / window,
+            "cycles_applied_per_s": (mid["applied"] - before["applied"]) / (t_mid - t_before),
+            # over the steady phase (the agents alone, no operator reads)
+            "server_cpu_fraction": cpu / quiet,
+            "server_cpu_ms_per_100_items_per_min": cpu / quiet * 60 * 1000 / (self.n_items / 100),
+            "steady_cycles_made_per_s": json.loads((work / "steady.done").read_text())["made"] / quiet,
+            "cycles_made": res["cycles_made"], "reports_pending": res["reports_pending"],
             "http_errors": sum(1 for r in rows if r[3] >= 400),
             "drained": res["drained"],
             "items_listed_per_page": res["items_listed"],
@@ -884,6 +1123,8 @@ def run_backend(args: argparse.Namespace, backend: str, root: Path, pg: Any) -> 
         out: dict[str, Any] = run.populate()
         out.update(run.probe_item_list())
         out["operator_mix"] = {n: w for n, w in OPERATOR_MIX if n in run.mix}
+        if args.contract == "desired":
+            return _run_desired(args, run, out)
         scheduler = _make_scheduler(run)
         reps = []
         for rep in range(args.reps):
@@ -930,6 +1171,37 @@ def run_backend(args: argparse.Namespace, backend: str, root: Path, pg: Any) -> 
                 log(f"could not drop the bench database: {e}")
 
 
+def _run_desired(args: argparse.Namespace, run: BackendRun, out: dict[str, Any]) -> dict[str, Any]:
+    backend = run.backend
+    reps = []
+    for rep in range(args.reps):
+        r = run.repetition_desired(rep)
+        reps.append(r)
+        log(f"{backend} rep {rep + 1}: {r['requests']} requests in {r['window_s']:.1f} s, "
+            f"p50/p95/p99 {r['api_p50_ms']:.1f}/{r['api_p95_ms']:.1f}/{r['api_p99_ms']:.1f} ms "
+            f"(operators {r['operator_p99_ms']:.1f}, agents {r['agent_p99_ms']:.1f}); cycles "
+            f"{r['cycles_made_per_s']:.1f} made, {r['cycles_applied_per_s']:.1f} applied /s; control plane CPU "
+            f"{r['server_cpu_ms_per_100_items_per_min']:.1f} ms per 100 items per minute")
+    for k in ("api_p50_ms", "api_p95_ms", "api_p99_ms", "operator_p99_ms", "agent_p99_ms", "api_requests_per_s",
+              "cycles_made_per_s", "cycles_applied_per_s", "server_cpu_fraction",
+              "server_cpu_ms_per_100_items_per_min"):
+        out[k] = round(med([r[k] for r in reps]), 3)
+    out["cycles_due_per_s"] = round(run.n_items / args.copy_frequency, 2)
+    out["by_endpoint"] = reps[len(reps) // 2]["by_endpoint"]
+    out["http_errors"] = sum(r["http_errors"] for r in reps)
+    final = run.counters()
+    made = sum(r["cycles_made"] for r in reps)
+    out["cycles_made"] = made
+    out["cycles_applied"] = final["applied"]
+    out["cycle_tasks"] = final["dispatched"]  # none: the doubles own their cycles
+    # every cycle a double made was reported and applied once (bytes add up), none left behind
+    out["all_cycles_applied"] = final["applied"] == made and all(r["reports_pending"] == 0 for r in reps)
+    out["reps_drained"] = [r["drained"] for r in reps]
+    out["items"] = run.n_items
+    out["runs"] = reps
+    return out
+
+
 FIGURES = [
     ("api_p50_ms", "API latency p50 (ms)"), ("api_p95_ms", "API latency p95 (ms)"),
     ("api_p99_ms", "API latency p99 (ms)"), ("operator_p99_ms", "  operator reads p99 (ms)"),
@@ -938,7 +1210,9 @@ FIGURES = [
     ("scheduler_cpu_ms_per_100_items", "scheduler CPU per tick per 100 items (ms)"),
     ("scheduler_ticks_per_s_capacity", "scheduler ticks/s capacity"),
     ("cycles_due_per_s", "cycles due/s (items / copy frequency)"),
-    ("cycles_dispatched_per_s", "cycles dispatched/s"), ("cycles_applied_per_s", "cycles applied/s"),
+    ("cycles_dispatched_per_s", "cycles dispatched/s"), ("cycles_made_per_s", "cycles made by agents/s"),
+    ("cycles_applied_per_s", "cycles applied/s"),
+    ("server_cpu_ms_per_100_items_per_min", "control plane CPU per 100 items per min (ms)"),
     ("cycle_burst_per_s", "burst: cycles applied/s, all items due"), ("cycle_burst_s", "burst: seconds"),
     ("dispatch_cpu_ms_per_cycle", "burst: tick CPU per cycle dispatched (ms)"),
     ("all_cycles_applied", "every dispatched cycle applied"),
@@ -968,22 +1242,22 @@ def _fmt(o: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def server_main(data_dir: str) -> None:
-    """The control plane under test: `serve(load_settings(D))`, the scheduler's period a day."""
+def server_main(data_dir: str, tick_seconds: float, workers: int) -> None:
+    """The control plane under test: `serve(load_settings(D))` (`workers` processes)."""
     import logging
 
     from standby.api.server import load_settings, serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    serve(load_settings(data_dir, tick_seconds=SERVER_TICK_SECONDS), log_level="warning")
+    serve(load_settings(data_dir, tick_seconds=tick_seconds), log_level="warning", workers=workers)
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "_load":
         load_main(sys.argv[2])
         return
-    if len(sys.argv) > 2 and sys.argv[1] == "_server":
-        server_main(sys.argv[2])
+    if len(sys.argv) > 4 and sys.argv[1] == "_server":
+        server_main(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object of named figures")
@@ -1003,9 +1277,17 @@ def main() -> None:
     ap.add_argument("--inventory-seconds", type=float, default=0.0,
                     help="how often each double reports its inventory again during the run (the real agent: "
                          "60 s; default 0: only at population, see inventory_round_s)")
-    ap.add_argument("--copy-frequency", type=int, default=300, choices=[0, 30, 300, 900])
+    ap.add_argument("--contract", choices=["desired", "tasks"], default="desired",
+                    help="desired: the doubles own their cycles (desired state down, reports up; the real agent's "
+                         "way); tasks: every cycle a task the scheduler dispatches (agents that do not own cycles)")
+    ap.add_argument("--workers", type=int, default=1, help="API worker processes (PostgreSQL only)")
+    ap.add_argument("--copy-frequency", type=int, default=0, choices=[0, 30, 300, 900],
+                    help="the policy's copy frequency (default: 30 s under --contract desired, 300 s under tasks)")
     ap.add_argument("--tick-seconds", type=float, default=1.0)
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds of doubles only before each window")
+    ap.add_argument("--steady", type=float, default=0.0,
+                    help="seconds of agents alone before each window, over which the control plane's CPU is "
+                         "read (--contract desired; default 20, --quick 8)")
     ap.add_argument("--min-window", type=float, default=0.0,
                     help="the operators go on until this many seconds passed too (default 10, --quick 4)")
     ap.add_argument("--no-burst", action="store_true", help="skip the all-items-due burst")
@@ -1019,8 +1301,10 @@ def main() -> None:
     args.requests = args.requests or (300 if args.quick else 2000)
     args.warmup = args.warmup or (1.0 if args.quick else 3.0)
     args.min_window = args.min_window or (4.0 if args.quick else 10.0)
-    if args.copy_frequency == 0:
-        ap.error("--copy-frequency 0 (continuous) has no steady due rate to compare with; use 30, 300 or 900")
+    args.steady = args.steady or (8.0 if args.quick else 20.0)
+    args.copy_frequency = args.copy_frequency or (30 if args.contract == "desired" else 300)
+    if args.workers > 1 and args.backend != "postgresql":
+        ap.error("--workers needs --backend postgresql (SQLite is served by one process)")
 
     def on_signal(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one interrupt: the cleanup must not be cut short
@@ -1037,6 +1321,7 @@ def main() -> None:
                    "double_threads": args.double_threads, "poll_seconds": args.poll_seconds,
                    "inventory_seconds": args.inventory_seconds, "claim_max": CLAIM_MAX,
                    "copy_frequency_seconds": args.copy_frequency, "tick_seconds": args.tick_seconds,
+                   "contract": args.contract, "workers": args.workers,
                    "warmup_s": args.warmup, "vms_per_host": args.vms_per_host,
                    "hosts_per_cloud": args.hosts_per_cloud, "operator_mix": dict(OPERATOR_MIX),
                    "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},

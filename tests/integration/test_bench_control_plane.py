@@ -1,6 +1,7 @@
-"""Smoke test of bench/control_plane.py: a small run on SQLite (200 items, one quick
-repetition) prints one JSON object with the named figures, sane, and every cycle the
-scheduler dispatched to the agent doubles was applied."""
+"""Smoke tests of bench/control_plane.py: small runs on SQLite (200 items, one quick
+repetition) print one JSON object with the named figures, sane: under the desired-state
+contract every cycle the agent doubles made was reported and applied once (and no cycle
+task was made); under the task contract every cycle the scheduler dispatched was applied."""
 
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ FIGURES = [
 ]
 
 
-def test_bench_control_plane_quick_sqlite() -> None:
+def test_bench_control_plane_quick_sqlite_task_contract() -> None:
     p = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "control_plane.py"), "--items", "200", "--quick", "--json",
-         "--backend", "sqlite", "--copy-frequency", "30", "--burst-seconds", "90"],
+         "--backend", "sqlite", "--contract", "tasks", "--copy-frequency", "30", "--burst-seconds", "90"],
         capture_output=True, text=True, timeout=540, cwd=ROOT,
     )
     assert p.returncode == 0, p.stderr[-4000:]
@@ -57,3 +58,32 @@ def test_bench_control_plane_quick_sqlite() -> None:
     assert fig["cycles_dispatched"] >= 200
     assert fig["cycles_applied"] == fig["cycles_dispatched"]
     assert fig["all_cycles_applied"] is True
+
+
+DESIRED_FIGURES = [
+    "api_p50_ms", "api_p95_ms", "api_p99_ms", "operator_p99_ms", "agent_p99_ms", "api_requests_per_s",
+    "cycles_due_per_s", "cycles_made_per_s", "cycles_applied_per_s", "server_cpu_ms_per_100_items_per_min",
+    "cycles_made", "cycles_applied", "all_cycles_applied", "by_endpoint", "items",
+]
+
+
+def test_bench_control_plane_quick_sqlite_desired_state_contract() -> None:
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "control_plane.py"), "--items", "200", "--quick", "--json",
+         "--backend", "sqlite", "--copy-frequency", "30", "--min-window", "8"],
+        capture_output=True, text=True, timeout=540, cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = json.loads(p.stdout)
+    assert "sqlite_error" not in out, out["sqlite_error"]
+    assert out["params"]["contract"] == "desired"
+    fig = out["sqlite"]
+    missing = [k for k in DESIRED_FIGURES if k not in fig]
+    assert not missing, missing
+    assert 0 < fig["api_p50_ms"] <= fig["api_p99_ms"] and fig["server_cpu_ms_per_100_items_per_min"] > 0
+    # the doubles made cycles at the policy's rate (200 items / 30 s), reported and applied each once
+    assert fig["cycles_made"] > 0 and fig["cycles_made_per_s"] > 0
+    assert fig["cycles_applied"] == fig["cycles_made"] and fig["all_cycles_applied"] is True
+    assert fig["cycle_tasks"] == 0
+    for name in ("reports", "heartbeat", *fig["operator_mix"]):
+        assert fig["by_endpoint"][name]["n"] > 0, name
