@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if dom.name().startswith(prefix):
                 if dom.isActive():
                     dom.destroy()
-                dom.undefine()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
         conn.close()
         shutil.rmtree(work, ignore_errors=True)
         if started:

@@ -53,7 +53,7 @@ def guest_image() -> guest_mod.GuestImage:
 
 @pytest.fixture
 def vm_name(request: pytest.FixtureRequest) -> Any:
-    """Unique domain names for this test; any still running at its end are destroyed."""
+    """Unique domain names for this test; at its end they are destroyed and undefined."""
     made: list[str] = []
 
     def name(tag: str) -> str:
@@ -63,10 +63,20 @@ def vm_name(request: pytest.FixtureRequest) -> Any:
 
     yield name
     if made and "libvirt_conn" in request.fixturenames:
+        import libvirt
+
         conn = request.getfixturevalue("libvirt_conn")
         for dom in conn.listAllDomains():
-            if dom.name() in made and dom.isActive():
-                dom.destroy()
+            if dom.name() not in made:
+                continue
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                # gone with their disks: left defined, every later agent's discovery would list them
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            except libvirt.libvirtError:
+                pass  # gone already (the test undefined it)
 
 
 @pytest.fixture

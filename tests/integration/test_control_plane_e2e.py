@@ -213,9 +213,11 @@ def test_control_plane_end_to_end(store_backend: str, empty_store_url: str, libv
         d.close()
         for vm in domains:
             try:
+                import libvirt
+
                 dom = libvirt_conn.lookupByName(vm)
                 if dom.isActive():
                     dom.destroy()
-                dom.undefineFlags(0)
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)  # 0 refuses with checkpoints
             except Exception:  # noqa: BLE001 - best-effort cleanup of this test's VMs
                 pass

@@ -6,6 +6,7 @@ replica store, as a failover there would find it; shared by the tests and `bench
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 import time
@@ -43,7 +44,7 @@ def percentile(values: list[float], q: float) -> float:
 
 @dataclass
 class RpoSampler:
-    """Samples the secondary's RPO of one VM every `interval` seconds on a thread."""
+    """Samples the secondary's RPO of one VM about every `interval` seconds on a thread."""
 
     replicas: Path
     vm: str
@@ -63,10 +64,13 @@ class RpoSampler:
             self._thread.join(10)
 
     def _run(self) -> None:
+        # Jittered (0.5 to 1.5 intervals apart): samples at a fixed period lock onto the
+        # phase of cycles that also run at a fixed period, and would see one RPO only.
+        rnd = random.Random(self.vm)
         next_at = time.monotonic()
         while not self._stop.is_set():
             self.samples.append(secondary_rpo(self.replicas, self.vm))
-            next_at += self.interval
+            next_at += self.interval * (0.5 + rnd.random())
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def summary(self) -> dict[str, float]:
