@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from standby.drivers.libvirt.driver import LibvirtDriver  # noqa: E402
-from standby.orchestration.replicate import VmCycleResult, replicate_vm  # noqa: E402
+from standby.agent.replicate import VmCycleResult, replicate_vm  # noqa: E402
 from standby.replication import tls  # noqa: E402
 from standby.replication.digest import BLOCK_SIZE  # noqa: E402
 from standby.replication.receiver import Receiver  # noqa: E402

@@ -403,7 +403,7 @@ def cycle_result(params: dict[str, Any], task_id: int) -> dict[str, Any]:
     """What the real agent returns for a cycle (standby.agent.tasks: `VmCycleResult.as_dict()`
     plus points, point_at, bytes_sent), built from the real result classes: one disk (vda),
     an incremental cycle of CYCLE_BYTES on the wire."""
-    from standby.orchestration.replicate import DiskCycle, VmCycleResult, disk_id_for
+    from standby.agent.replicate import DiskCycle, VmCycleResult, disk_id_for
     from standby.replication.sender import CycleResult
 
     vm = str(params.get("vm", "?"))
@@ -821,7 +821,7 @@ class BackendRun:
 
         from sqlalchemy import update
 
-        from standby.orchestration.replicate import disk_id_for
+        from standby.contract import disk_id_for
         from standby.store.models import Host, Policy, ProtectedItem, Vm
         from standby.store.repo import items
 

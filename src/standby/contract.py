@@ -20,11 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_REPORTS_PER_BATCH = 500
+_BAD_ID = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def disk_id_for(vm: str, target: str) -> str:
+    """The replica disk id of a VM's disk: `<vm>-<target>`, made a valid identifier. The
+    control plane (items' disk ids) and the agents (their replicas) must agree on it."""
+    raw = _BAD_ID.sub("_", f"{vm}-{target}").lstrip("._-") or "disk"
+    return raw[:128]
 
 
 class _Model(BaseModel):

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from standby.orchestration.replicate import disk_id_for
+from standby.contract import disk_id_for
 
 from api_helpers import ControlPlane
 from test_items import claim, job_ended, setup, wait_for

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from standby.orchestration.replicate import disk_id_for
+from standby.contract import disk_id_for
 
 from api_helpers import ControlPlane, error_of, register
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from standby.orchestration.replicate import disk_id_for
+from standby.contract import disk_id_for
 
 from api_helpers import ControlPlane, error_of
 from test_items import claim, job_ended, setup, wait_for

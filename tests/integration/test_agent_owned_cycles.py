@@ -35,7 +35,7 @@ from replication_helpers import CuttingProxy  # noqa: E402
 
 from standby.agent.config import AgentConfig  # noqa: E402
 from standby.demo.local import AgentHandle, LocalDeployment  # noqa: E402
-from standby.orchestration.replicate import disk_id_for  # noqa: E402
+from standby.contract import disk_id_for  # noqa: E402
 from standby.replication.store import ReplicaStore  # noqa: E402
 from standby.testing import guest  # noqa: E402
 from standby.testing.rpo import RpoSampler  # noqa: E402

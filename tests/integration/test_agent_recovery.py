@@ -42,7 +42,7 @@ from standby.agent.tasks import Outcome, TaskEnv, TaskProgress, execute  # noqa:
 from standby.drivers.base import NicInfo, VmState  # noqa: E402
 from standby.drivers.libvirt import domains  # noqa: E402
 from standby.drivers.libvirt.driver import LibvirtDriver  # noqa: E402
-from standby.orchestration.replicate import disk_id_for  # noqa: E402
+from standby.contract import disk_id_for  # noqa: E402
 from standby.replication import tls  # noqa: E402
 from standby.replication.store import ReplicaStore  # noqa: E402
 from standby.testing import guest  # noqa: E402

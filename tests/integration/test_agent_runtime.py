@@ -160,7 +160,7 @@ def test_two_agents_with_a_control_plane_replicate_a_guest(
         deployment: Any, libvirt_conn: Any, guest_image: Any, vm_name: Any, vm_dir: Path, tmp_path: Path) -> None:
     import libvirt
 
-    from standby.orchestration.replicate import disk_id_for
+    from standby.contract import disk_id_for
     from standby.store.db import open_store, sqlite_url
     from standby.testing import guest
 

@@ -21,7 +21,7 @@ from replication_helpers import endpoint, make_pki, running_agent  # noqa: E402
 
 from standby.agent.tasks import TaskEnv, TaskProgress, execute  # noqa: E402
 from standby.drivers.libvirt.driver import LibvirtDriver  # noqa: E402
-from standby.orchestration.replicate import disk_id_for  # noqa: E402
+from standby.contract import disk_id_for  # noqa: E402
 from standby.replication import tls  # noqa: E402
 from standby.replication.store import ReplicaStore  # noqa: E402
 from standby.testing import guest  # noqa: E402

@@ -31,7 +31,7 @@ from replication_helpers import endpoint, make_pki, running_agent  # noqa: E402
 from standby.drivers.base import CycleSession  # noqa: E402
 from standby.drivers.libvirt.driver import LibvirtDriver  # noqa: E402
 from standby.drivers.libvirt.nbd import NbdChangeSource, export_table  # noqa: E402
-from standby.orchestration.replicate import CycleFailed, VmCycleResult, disk_id_for, replicate_vm  # noqa: E402
+from standby.agent.replicate import CycleFailed, VmCycleResult, disk_id_for, replicate_vm  # noqa: E402
 from standby.replication import tls  # noqa: E402
 from standby.replication.digest import BLOCK_SIZE  # noqa: E402
 from standby.replication.store import ReplicaStore  # noqa: E402

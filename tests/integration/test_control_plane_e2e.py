@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("libvirt")
 
 from standby.demo.local import LocalDeployment  # noqa: E402
-from standby.orchestration.replicate import disk_id_for  # noqa: E402
+from standby.contract import disk_id_for  # noqa: E402
 from standby.testing import guest  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

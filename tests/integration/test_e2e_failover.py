@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_change_tracking import Vm  # noqa: E402
 
 from standby.drivers.base import NicInfo, VmSpec, VmState  # noqa: E402
-from standby.orchestration.replicate import disk_id_for  # noqa: E402
+from standby.contract import disk_id_for  # noqa: E402
 from standby.testing import guest, netns  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -85,7 +85,7 @@ STANDBY = str(Path(sys.executable).parent / "standby")
 def _worker(argv: list[str]) -> int:
     from standby.drivers.libvirt import backup as bk
     from standby.drivers.libvirt.driver import LibvirtDriver
-    from standby.orchestration.replicate import CycleFailed, replicate_vm
+    from standby.agent.replicate import CycleFailed, replicate_vm
     from standby.replication import tls
 
     ap = argparse.ArgumentParser()

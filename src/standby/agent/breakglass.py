@@ -86,7 +86,7 @@ def records_dir(cfg: AgentConfig) -> Path:
 
 
 def _path(cfg: AgentConfig, vm: str) -> Path:
-    from standby.orchestration.replicate import disk_id_for
+    from standby.contract import disk_id_for
 
     return records_dir(cfg) / f"{disk_id_for(vm, 'breakglass')}.json"
 

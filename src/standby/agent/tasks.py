@@ -186,7 +186,7 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
     disk_id}) names the replica disks (default `<vm>-<target>`): a failed-over replica VM
     replicates back into the disks named after the original VM. The result carries the
     VM's definition (`domain_xml`) as of this cycle: a failover defines the replica from it."""
-    from standby.orchestration.replicate import CycleFailed, replicate_vm
+    from standby.agent.replicate import CycleFailed, replicate_vm
     from standby.replication.sender import Endpoint, SenderOptions
 
     vm = _str(params, "vm")
@@ -304,7 +304,7 @@ def run_seed_export(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgr
     `path/<disk_id>/`, taken from one point-in-time view of the VM. The cycle's checkpoint
     becomes the VM's base and the sender state records each seed's digest table, so once
     the seeds are imported at the secondary the next cycle sends only the changes since."""
-    from standby.orchestration.replicate import VmReplicationState, disk_id_for
+    from standby.agent.replicate import VmReplicationState, disk_id_for
     from standby.replication.protocol import CycleKind
     from standby.replication.sender import SenderState
 

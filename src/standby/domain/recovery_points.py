@@ -3,7 +3,7 @@
 A VM's disks are replicated as separate replica disks, each with its own points (ids
 are per-disk sequence numbers, `replication/store.py`). One replication cycle of a VM
 gives one point on each disk, all cut at the same instant (the driver's point-in-time
-view of every disk, `orchestration/replicate.py`); those per-disk points carry the same
+view of every disk, `agent/replicate.py`); those per-disk points carry the same
 cycle key (the cycle's checkpoint name, recorded in each point's `meta`). So:
 
 - a **VM recovery point** (`VmPoint`) is the set of per-disk points with one cycle key;

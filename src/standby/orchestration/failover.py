@@ -67,7 +67,7 @@ from standby.domain.recovery_points import (
 from standby.errors import BadInput, NotFound, Refused, RemoteError, StandbyError
 from standby.orchestration import agents as agents_svc
 from standby.orchestration.protection import item_context, resolve_item
-from standby.orchestration.replicate import disk_id_for
+from standby.contract import disk_id_for
 from standby.orchestration.runner import JobCancelled, JobHandler, JobRunner, RunnerStopping, Step, StepContext
 from standby.orchestration.scheduler import SENDER_TIMEOUT_SECONDS, parse_time
 from standby.store import Store

@@ -36,7 +36,7 @@ from standby.domain.lifecycle import Event, ItemContext, State
 from standby.errors import BadInput, NotFound, Refused, RemoteError
 from standby.orchestration import agents as agent_svc
 from standby.orchestration.livefabric import live_readiness_for
-from standby.orchestration.replicate import disk_id_for
+from standby.contract import disk_id_for
 from standby.orchestration.runner import JobHandler, JobRunner, Step, StepContext
 from standby.orchestration.settings import ServerSettings
 from standby.readiness.engine import Report, Severity

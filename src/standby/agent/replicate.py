@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from standby.contract import disk_id_for
 from standby.domain import vm_point
 from standby.domain.vm_point import VmManifest
 from standby.errors import Conflict, StandbyError
@@ -39,13 +39,6 @@ from standby.replication.sender import CycleResult, Endpoint, SenderOptions, pro
 if TYPE_CHECKING:
     from standby.drivers.base import HypervisorDriver
 
-_BAD = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def disk_id_for(vm: str, target: str) -> str:
-    """The replica disk id of a VM's disk: `<vm>-<target>`, made a valid identifier."""
-    raw = _BAD.sub("_", f"{vm}-{target}").lstrip("._-") or "disk"
-    return raw[:128]
 
 
 @dataclass
