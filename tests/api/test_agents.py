@@ -59,7 +59,13 @@ def test_register_heartbeat_inventory_and_tasks_with_the_issued_certificate(cp_a
 
     viewer = cp.client(cp.new_token("viewer", "viewer"))
     vms = viewer.get("/vms", params={"cloud": "cloud-a"}).json()["items"]
-    assert [(v["host"], v["name"]) for v in vms] == [("kvm-a", "db01"), ("kvm-a", "web01")]
+    assert sorted((v["host"], v["name"]) for v in vms) == [("kvm-a", "db01"), ("kvm-a", "web01")]
+    # a page at a time, in id order: `next` is the next page's `after`
+    first = viewer.get("/vms", params={"cloud": "cloud-a", "limit": 1}).json()
+    assert len(first["items"]) == 1 and first["next"] == str(first["items"][0]["id"])
+    second = viewer.get("/vms", params={"cloud": "cloud-a", "limit": 1, "after": first["next"]}).json()
+    assert len(second["items"]) == 1 and second["next"] is None
+    assert [v["id"] for v in first["items"] + second["items"]] == sorted(v["id"] for v in vms)
     agents = viewer.get("/agents").json()["items"]
     assert [(a["name"], a["state"], a["heartbeat_ok"]) for a in agents] == [("agent-a", "active", True)]
     assert agents[0]["cert_fingerprint"] == tls.fingerprint(answer["cert_pem"])

@@ -174,7 +174,7 @@ def test_a_dry_run_lists_the_domains_steps_and_starts_nothing(cp: ControlPlane, 
         assert kinds[:2] == ["shutdown", "shutdown"] and out["steps"][0]["vms"] == ["erp-web01"]
     assert ("manual_action" in kinds) == (ftype != "test")  # the action is for planned and unplanned only
     assert f"{ftype} failover" in out["text"] and "1. " in out["text"]
-    assert admin.get("/jobs", params={"kind": "plan_failover"}).json() == {"items": []}
+    assert admin.get("/jobs", params={"kind": "plan_failover"}).json()["items"] == []
 
 
 def test_planned_failover_is_refused_until_the_initial_replication_completed(cp: ControlPlane,

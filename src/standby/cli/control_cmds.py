@@ -1002,7 +1002,8 @@ def inventory_hosts(c: Ctx, cloud: str = typer.Option(None, "--cloud", help="Onl
 def inventory_vms(c: Ctx, cloud: str = typer.Option(None, "--cloud", help="Only VMs of this cloud."),
                   host: str = typer.Option(None, "--host", help="Only VMs of this host.")) -> None:
     """Virtual machines, with their disks and whether they are protected."""
-    vms = c.api.get("/vms", params={"cloud": cloud, "host": host})["items"]
+    vms = sorted(c.api.get_all("/vms", params={"cloud": cloud, "host": host}),
+                 key=lambda v: (str(v.get("host")), str(v.get("name"))))
 
     def disks(v: dict[str, Any]) -> str:
         d = v.get("disks") or {}

@@ -159,16 +159,20 @@ def remove_webhook(name: str, store: Store = Depends(deps.store)) -> Response:
 # ---------------------------------------------------------------- alerts
 
 
-@router.get("/alerts", response_model=schemas.ListOut[schemas.AlertOut], tags=["alerts"])
+@router.get("/alerts", response_model=schemas.PageOut[schemas.AlertOut], tags=["alerts"])
 def list_alerts(
     open_only: Annotated[bool, Query(alias="open", description="only alerts that are not cleared")] = False,
     kind: str | None = Query(default=None, max_length=40),
     limit: int = Query(default=200, ge=1, le=1000),
+    before_id: Annotated[int | None, Query(ge=1, le=schemas.INT32_MAX, description="page: older than this id")] = None,
     store: Store = Depends(deps.store),
-) -> schemas.ListOut[schemas.AlertOut]:
+) -> schemas.PageOut[schemas.AlertOut]:
+    """Newest first, a page at a time: `next` is the `before_id` of the next (older) page."""
     with store.read() as s:
-        rows = alerts_repo.list_alerts(s, open_only=open_only, kind=kind, limit=limit)
-        return schemas.ListOut(items=[deps.alert_out(a) for a in rows])
+        rows = alerts_repo.list_alerts(s, open_only=open_only, kind=kind, limit=limit + 1, before_id=before_id)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return schemas.PageOut(items=[deps.alert_out(a) for a in rows], next=str(rows[-1].id) if more else None)
 
 
 @router.post("/alerts/{alert_id}/clear", response_model=schemas.AlertOut, tags=["alerts"])

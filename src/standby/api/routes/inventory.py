@@ -45,17 +45,28 @@ def list_hosts(cloud: NameQuery = None, store: Store = Depends(deps.store)) -> s
         return schemas.ListOut(items=[deps.host_out(h, servers) for h in inventory.list_hosts(s, cloud=cloud)])
 
 
-@router.get("/vms", response_model=schemas.ListOut[schemas.VmOut])
+VMS_PAGE = 1000
+
+
+@router.get("/vms", response_model=schemas.PageOut[schemas.VmOut])
 def list_vms(
     cloud: NameQuery = None,
     host: NameQuery = None,
     present: Annotated[bool, Query(description="leave out protected VMs discovery no longer sees")] = False,
+    limit: Annotated[int, Query(ge=1, le=VMS_PAGE)] = VMS_PAGE,
+    after: Annotated[int | None, Query(ge=0, le=schemas.INT32_MAX,
+                                       description="page: VMs after this id (the previous page's `next`)")] = None,
     store: Store = Depends(deps.store),
-) -> schemas.ListOut[schemas.VmOut]:
+) -> schemas.PageOut[schemas.VmOut]:
+    """VMs in id order, a page at a time: `next` is the `after` of the next page."""
     with store.read() as s:
-        item_ids = {vm_id: item_id for vm_id, item_id in s.execute(select(ProtectedItem.vm_id, ProtectedItem.id))}
-        vms = inventory.list_vms(s, host=host, cloud=cloud, present_only=present)
-        return schemas.ListOut(items=[deps.vm_out(vm, item_ids) for vm in vms])
+        vms = inventory.list_vms(s, host=host, cloud=cloud, present_only=present, after=after, limit=limit + 1)
+        more = len(vms) > limit
+        vms = vms[:limit]
+        ids = [vm.id for vm in vms]
+        item_ids = {vm_id: item_id for vm_id, item_id in
+                    s.execute(select(ProtectedItem.vm_id, ProtectedItem.id).where(ProtectedItem.vm_id.in_(ids)))}
+        return schemas.PageOut(items=[deps.vm_out(vm, item_ids) for vm in vms], next=str(vms[-1].id) if more else None)
 
 
 @router.get("/networks", response_model=schemas.ListOut[schemas.NetworkOut])

@@ -17,7 +17,7 @@ router = APIRouter(dependencies=[Depends(authorize)], tags=["jobs"])
 JobStateName = Literal[tuple(s.value for s in JobState)]  # type: ignore[valid-type]
 
 
-@router.get("/jobs", response_model=schemas.ListOut[schemas.JobOut])
+@router.get("/jobs", response_model=schemas.PageOut[schemas.JobOut])
 def list_jobs(
     state: Annotated[list[JobStateName] | None, Query(description="repeat for several states")] = None,
     kind: Annotated[str | None, Query(max_length=60)] = None,
@@ -25,11 +25,13 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     before_id: Annotated[int | None, Query(ge=1, le=schemas.INT32_MAX, description="page: older than this id")] = None,
     store: Store = Depends(deps.store),
-) -> schemas.ListOut[schemas.JobOut]:
-    """Newest first."""
+) -> schemas.PageOut[schemas.JobOut]:
+    """Newest first, a page at a time: `next` is the `before_id` of the next (older) page."""
     with store.read() as s:
-        rows = jobs_repo.list_jobs(s, states=state, kind=kind, target=target, limit=limit, before_id=before_id)
-        return schemas.ListOut(items=[deps.job_out(j) for j in rows])
+        rows = jobs_repo.list_jobs(s, states=state, kind=kind, target=target, limit=limit + 1, before_id=before_id)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return schemas.PageOut(items=[deps.job_out(j) for j in rows], next=str(rows[-1].id) if more else None)
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.JobOut)

@@ -112,9 +112,12 @@ def list_alerts(
     subject: str | None = None,
     item_id: int | None = None,
     limit: int = 200,
+    before_id: int | None = None,
 ) -> list[Alert]:
-    """Newest first."""
+    """Newest first; page with `before_id` (the smallest id of the previous page)."""
     q = select(Alert).order_by(Alert.id.desc()).limit(limit)
+    if before_id is not None:
+        q = q.where(Alert.id < before_id)
     if open_only:
         q = q.where(Alert.cleared_at.is_(None))
     if kind is not None:

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from standby.errors import BadInput, Conflict, NotFound
 from standby.store.models import (
@@ -129,9 +129,19 @@ def list_hosts(session: Session, *, cloud: str | None = None) -> list[Host]:
 
 
 def list_vms(
-    session: Session, *, host: str | None = None, cloud: str | None = None, present_only: bool = False
+    session: Session, *, host: str | None = None, cloud: str | None = None, present_only: bool = False,
+    after: int | None = None, limit: int | None = None,
 ) -> list[Vm]:
-    q = select(Vm).join(Host, Vm.host_id == Host.id).order_by(Host.name, Vm.name)
+    """VMs by host and name; with `after` or `limit`, a page in id order (ids above `after`)."""
+    q = select(Vm).join(Host, Vm.host_id == Host.id).options(selectinload(Vm.host))
+    if after is not None or limit is not None:
+        q = q.order_by(Vm.id)
+        if after is not None:
+            q = q.where(Vm.id > after)
+        if limit is not None:
+            q = q.limit(limit)
+    else:
+        q = q.order_by(Host.name, Vm.name)
     if host is not None:
         q = q.where(Host.name == host)
     if cloud is not None:
