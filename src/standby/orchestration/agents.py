@@ -123,31 +123,14 @@ def _host_report(raw: Mapping[str, Any]) -> HostReport:
         raise BadInput(f"inventory entry without {e.args[0]!r}") from None
 
 
-def _report_from_store(session: Session, host: Host) -> HostReport:
-    """A member host as the store knows it, to keep it in the cloud unchanged. VMs already
-    missing are left out, so they stay missing (not reported present again)."""
-    vms = session.scalars(select(Vm).where(Vm.host_id == host.id, Vm.missing_since.is_(None)).order_by(Vm.name))
-    return HostReport(
-        name=host.name,
-        platform=host.platform,
-        host_group=host.host_group,
-        replication_address=host.replication_address,
-        storage_free_bytes=host.storage_free_bytes,
-        facts=dict(host.facts or {}),
-        vms=[VmReport(name=v.name, uuid=v.uuid, power_state=v.power_state, disks=dict(v.disks), nics=list(v.nics))
-             for v in vms],
-    )
-
-
 def sync_inventory(
     session: Session, agent: Agent, hosts_payload: Sequence[Mapping[str, Any]], *, now: datetime | None = None
 ) -> SyncResult:
-    """Sync what the agent's discovery reports into the agent's cloud.
-
-    `inventory.sync_cloud` makes a cloud exactly the hosts it is given; with one agent
-    per host, each agent reports only its own host. So hosts of the cloud that another
-    active agent runs on (and this report does not name) are passed along as the store
-    has them: one agent's report never drops its neighbours."""
+    """Sync what the agent's discovery reports into the agent's cloud: its hosts and their
+    VMs (`inventory.sync_hosts`: the cloud's other hosts are not read). With one agent per
+    host, each agent reports only its own host; a host of the cloud that no active agent
+    runs on and this report does not name leaves the cloud, as a full sync would drop it.
+    One agent's report never touches its neighbours."""
     cloud_name = (agent.facts or {}).get("cloud")
     if not isinstance(cloud_name, str) or not cloud_name:
         raise Refused(f"agent {agent.name!r} has no cloud on record: register it again")
@@ -159,20 +142,12 @@ def sync_inventory(
             select(Agent.host_name).where(Agent.state == "active", Agent.kind == "agent", Agent.id != agent.id)
         )
     )
-    members = session.scalars(
-        select(Host).join(cloud_hosts, cloud_hosts.c.host_id == Host.id).where(cloud_hosts.c.cloud_id == cloud.id)
+    members = session.execute(
+        select(Host.id, Host.name).join(cloud_hosts, cloud_hosts.c.host_id == Host.id)
+        .where(cloud_hosts.c.cloud_id == cloud.id)
     )
-    kept = [
-        _report_from_store(session, h)
-        for h in members
-        if h.name not in reported and h.name in other_agent_hosts
-    ]
-    result = inventory.sync_cloud(session, cloud_name, [*reports, *kept], now=now)
-    # Neighbours kept as they were are not news to this agent.
-    kept_names = {h.name for h in kept}
-    result.hosts_updated = [n for n in result.hosts_updated if n not in kept_names]
-    result.vms_updated = [v for v in result.vms_updated if v.split("/", 1)[0] not in kept_names]
-    return result
+    drop = [host_id for host_id, name in members if name not in reported and name not in other_agent_hosts]
+    return inventory.sync_hosts(session, cloud_name, reports, drop_host_ids=drop, now=now)
 
 
 

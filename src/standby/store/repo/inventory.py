@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, aliased, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from standby.errors import BadInput, Conflict, NotFound
 from standby.store.models import (
@@ -227,16 +228,26 @@ def sync_cloud(session: Session, cloud: str, hosts: Sequence[HostReport], *, now
     keeps its row and its protection), then by host and name (a new UUID under a known
     name is listed in `vms_replaced`, for health to judge). A VM that disappeared is
     deleted, unless it is protected: then it is kept with `missing_since` set."""
+    cloud_row = get_cloud(session, cloud)
+    member_ids = set(session.scalars(select(cloud_hosts.c.host_id).where(cloud_hosts.c.cloud_id == cloud_row.id)))
+    reported = {h.name for h in hosts}
+    drop = {h.id for h in session.scalars(select(Host).where(Host.id.in_(member_ids))) if h.name not in reported}
+    return sync_hosts(session, cloud, hosts, drop_host_ids=drop, now=now)
+
+
+def sync_hosts(session: Session, cloud: str, hosts: Sequence[HostReport], *, drop_host_ids: Iterable[int] = (),
+               now: datetime | None = None) -> SyncResult:
+    """Sync these hosts (and exactly their VMs, as `sync_cloud` does) into `cloud`, and take
+    the hosts `drop_host_ids` out of it; the cloud's other hosts are not read. What an
+    agent's report costs is its own host's, however big the cloud."""
     now = now_or(now)
     res = SyncResult()
     cloud_row = get_cloud(session, cloud)
     _names_unique("host", (h.name for h in hosts))
-    protected_vm_ids = set(session.scalars(select(ProtectedItem.vm_id)))
-
     member_ids = set(session.scalars(select(cloud_hosts.c.host_id).where(cloud_hosts.c.cloud_id == cloud_row.id)))
-    reported_ids: set[int] = set()
+    known = {h.name: h for h in session.scalars(select(Host).where(Host.name.in_([r.name for r in hosts])))}
     for report in hosts:
-        host = session.scalars(select(Host).where(Host.name == report.name)).one_or_none()
+        host = known.get(report.name)
         if host is None:
             host = Host(name=report.name)
             session.add(host)
@@ -251,12 +262,12 @@ def sync_cloud(session: Session, cloud: str, hosts: Sequence[HostReport], *, now
         host.facts = dict(report.facts)
         host.synced_at = now
         session.flush()
-        reported_ids.add(host.id)
         if host.id not in member_ids:
             session.execute(cloud_hosts.insert().values(cloud_id=cloud_row.id, host_id=host.id))
-        _sync_vms(session, host, report.vms, protected_vm_ids, now, res)
+            member_ids.add(host.id)
+        _sync_vms(session, host, report.vms, now, res)
 
-    for host_id in member_ids - reported_ids:
+    for host_id in sorted(set(drop_host_ids) & member_ids):
         session.execute(
             cloud_hosts.delete().where(cloud_hosts.c.cloud_id == cloud_row.id, cloud_hosts.c.host_id == host_id)
         )
@@ -267,51 +278,53 @@ def sync_cloud(session: Session, cloud: str, hosts: Sequence[HostReport], *, now
     return res
 
 
-def _sync_vms(
-    session: Session, host: Host, reports: Sequence[VmReport], protected: set[int], now: datetime, res: SyncResult
-) -> None:
+def _sync_vms(session: Session, host: Host, reports: Sequence[VmReport], now: datetime, res: SyncResult) -> None:
+    """The host's VMs: one query for those it has, one for those the report's UUIDs name,
+    one for which of them are protected; rows written only where something changed, and
+    `synced_at` of the ones seen in one statement."""
     _names_unique(f"on host {host.name} VM", (v.name for v in reports))
     existing = {vm.name: vm for vm in session.scalars(select(Vm).where(Vm.host_id == host.id))}
-    seen: set[int] = set()
+    uuids = [r.uuid for r in reports if r.uuid is not None]
+    by_uuid = {vm.uuid: vm for vm in session.scalars(select(Vm).where(Vm.uuid.in_(uuids)))} if uuids else {}
+    ids = {vm.id for vm in existing.values()} | {vm.id for vm in by_uuid.values()}
+    protected = set(session.scalars(select(ProtectedItem.vm_id).where(ProtectedItem.vm_id.in_(ids)))) if ids else set()
+    seen: list[Vm] = []
     for report in reports:
         key = f"{host.name}/{report.name}"
         here = existing.get(report.name)
-        vm = None
-        if report.uuid is not None:
-            vm = session.scalars(select(Vm).where(Vm.uuid == report.uuid)).one_or_none()
-            if vm is not None and vm.host_id != host.id:  # moved here from another host
-                if here is not None:
-                    if here.id in protected:
-                        raise Conflict(
-                            f"VM {report.name!r} moved to host {host.name!r}, where a protected VM of that name "
-                            "is still recorded: disable its protection first"
-                        )
-                    session.delete(here)
-                    session.flush()
-                    res.vms_removed.append(key)
-                    existing.pop(report.name)
-                vm.host_id = host.id
+        vm = by_uuid.get(report.uuid) if report.uuid is not None else None
+        if vm is not None and vm.host_id != host.id:  # moved here from another host
+            if here is not None:
+                if here.id in protected:
+                    raise Conflict(
+                        f"VM {report.name!r} moved to host {host.name!r}, where a protected VM of that name "
+                        "is still recorded: disable its protection first"
+                    )
+                session.delete(here)
+                session.flush()
+                res.vms_removed.append(key)
+                existing.pop(report.name)
+            vm.host_id = host.id
         if vm is None and here is not None:
             vm = here
             if here.uuid is not None and report.uuid is not None and here.uuid != report.uuid:
                 res.vms_replaced.append(key)  # same name, another machine
         if vm is None:
-            vm = Vm(host_id=host.id, name=report.name)
+            vm = Vm(host_id=host.id, name=report.name, synced_at=now)
             session.add(vm)
             res.vms_added.append(key)
         else:
             res.vms_updated.append(key)
-        vm.name = report.name
-        vm.uuid = report.uuid
-        vm.power_state = report.power_state
-        vm.disks = dict(report.disks)
-        vm.nics = list(report.nics)
-        vm.missing_since = None
-        vm.synced_at = now
-        session.flush()
-        seen.add(vm.id)
+        # assigned only when different: an unchanged VM costs no UPDATE of its own
+        for attr, value in (("name", report.name), ("uuid", report.uuid), ("power_state", report.power_state),
+                            ("disks", dict(report.disks)), ("nics", list(report.nics)), ("missing_since", None)):
+            if getattr(vm, attr) != value:
+                setattr(vm, attr, value)
+        seen.append(vm)
+    session.flush()
+    seen_ids = {vm.id for vm in seen}
     for vm in existing.values():
-        if vm.id in seen or vm.host_id != host.id:
+        if vm.id in seen_ids or vm.host_id != host.id:
             continue
         key = f"{host.name}/{vm.name}"
         if vm.id in protected:
@@ -320,6 +333,11 @@ def _sync_vms(
         else:
             session.delete(vm)
             res.vms_removed.append(key)
+    if seen_ids:
+        session.execute(update(Vm).where(Vm.id.in_(seen_ids)).values(synced_at=now)
+                        .execution_options(synchronize_session=False))
+        for vm in seen:
+            set_committed_value(vm, "synced_at", now)
     session.flush()
 
 
