@@ -32,6 +32,19 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
+def drop_stale_links(subnet: str) -> list[str]:
+    """Delete this namespace's links holding an address in `subnet` (the test range): they
+    are left by a run that was killed before it cleaned up, and while one exists the route
+    to the subnet may lead into that run's dead namespace instead of the new one."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "to", subnet], capture_output=True, text=True).stdout
+    dropped = []
+    for line in out.splitlines():
+        dev = line.split()[1].split("@")[0]
+        if subprocess.run(["ip", "link", "delete", dev], capture_output=True).returncode == 0:
+            dropped.append(dev)
+    return dropped
+
+
 class TwoSites:
     def __init__(self, rate_mbit: float | None = None, prefix: str = "sb") -> None:
         n = f"{os.getpid() % 100000}{next(_counter)}"
@@ -82,6 +95,7 @@ class TwoSites:
         from the link between the sites); returns the site's address on it."""
         k = 1 if site == "a" else 2
         host_dev, ns_dev = f"{self.dev[site]}h"[:15], f"{self.dev[site]}n"[:15]
+        drop_stale_links(f"10.213.{k}.0/24")
         _ip("link", "add", host_dev, "type", "veth", "peer", "name", ns_dev)
         _ip("link", "set", ns_dev, "netns", self.ns[site])
         _ip("addr", "add", f"10.213.{k}.1/24", "dev", host_dev)
