@@ -2,18 +2,20 @@
 replica VMs and test networks, and a VM's disk images taken into or written back from
 the replica store.
 
+Parameters are `standby.contract`'s models (the control plane builds them from the same):
+
 | kind | params | result |
 | --- | --- | --- |
-| materialize | `{vm, disk_ids: {target: disk_id}, point?: {disk_id: point_id}, purpose: test/failover, tag}` | `{overlays: {target: path}, points: {disk_id: point_id}, tag, purpose}` |
-| release | `{tag}` | `{released: [overlay paths], points: {disk_id: point_id}}` |
-| define_vm | `{name, template_xml?, disks: {target: path}, networks?: [name or null per NIC], isolated_network?}` | `{name, uuid, power_state, existed}` |
-| start_vm | `{name, autostart?: false}` | `{power_state, was_running}` |
-| stop_vm | `{name, timeout_seconds?: 60, force?: false, disable_autostart?: false}` | `{power_state, forced, was_running, autostart_was?}` |
-| undefine_vm | `{name}` | `{power_state: "absent", removed}` |
-| create_network | `{name}` | `{name, attach}` |
-| delete_network | `{name}` | `{name, removed}` |
-| adopt_disk | `{disk_id, image}` | `{point_id, bytes, digest, blocks_changed, reused, size, format}` |
-| restore_disk | `{disk_id, point?, image}` | `{bytes, point_id, digest, format, size}` |
+| materialize | `MaterializeParams` | `{overlays: {target: path}, points: {disk_id: point_id}, tag, purpose}` |
+| release | `ReleaseParams` | `{released: [overlay paths], points: {disk_id: point_id}}` |
+| define_vm | `DefineVmParams` | `{name, uuid, power_state, existed}` |
+| start_vm | `StartVmParams` | `{power_state, was_running}` |
+| stop_vm | `StopVmParams` | `{power_state, forced, was_running, autostart_was?}` |
+| undefine_vm | `VmParams` | `{power_state: "absent", removed}` |
+| create_network | `NamedParams` | `{name, attach}` |
+| delete_network | `NamedParams` | `{name, removed}` |
+| adopt_disk | `AdoptDiskParams` | `{point_id, bytes, digest, blocks_changed, reused, size, format}` |
+| restore_disk | `RestoreDiskParams` | `{bytes, point_id, digest, format, size}` |
 
 Overlays live in `<replica store>/overlays/<tag>/<target>.qcow2` beside the tag's
 manifest (`materialized.json`, written before any point is pinned), so a `release` of
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import threading
@@ -43,7 +44,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from standby.errors import BadInput, Conflict, NotFound, Refused, RemoteError, StandbyError
+from standby.contract import (AdoptDiskParams, DefineVmParams, MaterializeParams, NamedParams, ReleaseParams,
+                              RestoreDiskParams, StartVmParams, StopVmParams, VmParams, parse_params)
+from standby.errors import BadInput, Conflict, NotFound, Refused, RemoteError
 
 if TYPE_CHECKING:
     from standby.agent.tasks import TaskEnv, TaskProgress
@@ -52,96 +55,10 @@ if TYPE_CHECKING:
 
 MANIFEST = "materialized.json"
 MANIFEST_FORMAT = "standby-materialized/1"
-PURPOSES = ("test", "failover")
-
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_TARGET = re.compile(r"^(vd|sd|hd|xvd)[a-z]{1,3}$")
 
 # Materialize and release of one agent run one at a time (two workers): a tag's manifest,
 # overlays and pins change together.
 _OVERLAYS_LOCK = threading.Lock()
-
-
-# ---------------------------------------------------------------------------- params
-
-
-def _name(params: Mapping[str, Any], key: str = "name") -> str:
-    v = params.get(key)
-    if not isinstance(v, str) or not v or len(v) > 200 or "/" in v or v != v.strip():
-        raise BadInput(f"task parameter {key!r} must be a VM or network name, not {v!r}")
-    return v
-
-
-def _tag(params: Mapping[str, Any]) -> str:
-    v = params.get("tag")
-    if not isinstance(v, str) or not _TAG.fullmatch(v):
-        raise BadInput(f"task parameter 'tag' must be a name (letters, digits and _.-, at most 128), not {v!r}")
-    return v
-
-
-def _disk_id(v: Any, what: str = "'disk_id'") -> str:
-    from standby.replication.protocol import check_id
-
-    if not isinstance(v, str):
-        raise BadInput(f"task parameter {what} must be a disk id, not {v!r}")
-    try:
-        check_id(v, "disk id")
-    except StandbyError as exc:
-        raise BadInput(f"task parameter {what}: {exc.message}") from None
-    return v
-
-
-def _targets(params: Mapping[str, Any], key: str, value_kind: str) -> dict[str, str]:
-    """A non-empty {target: value} mapping (targets as vda, sdb...)."""
-    v = params.get(key)
-    if not isinstance(v, Mapping) or not v:
-        raise BadInput(f"task parameter {key!r} must be a non-empty object {{target: {value_kind}}}, not {v!r}")
-    out: dict[str, str] = {}
-    for target, value in v.items():
-        if not isinstance(target, str) or not _TARGET.fullmatch(target):
-            raise BadInput(f"task parameter {key!r}: {target!r} is not a disk target such as vda or sdb")
-        if not isinstance(value, str) or not value:
-            raise BadInput(f"task parameter {key!r}: the {value_kind} of {target} must be a non-empty string")
-        out[target] = value
-    return out
-
-
-def disk_id_map(params: Mapping[str, Any], *, required: bool) -> dict[str, str]:
-    """`disk_ids: {target: disk_id}` (the replica disks of a VM's disks)."""
-    if params.get("disk_ids") is None and not required:
-        return {}
-    out = _targets(params, "disk_ids", "disk id")
-    for target, d in out.items():
-        _disk_id(d, f"'disk_ids' ({target})")
-    if len(set(out.values())) != len(out):
-        raise BadInput(f"task parameter 'disk_ids' names a replica disk twice: {out}")
-    return out
-
-
-def _image(params: Mapping[str, Any]) -> Path:
-    v = params.get("image")
-    if not isinstance(v, str) or not v or not os.path.isabs(v):
-        raise BadInput(f"task parameter 'image' must be an absolute path, not {v!r}")
-    p = Path(v)
-    if not p.is_file() and not p.is_block_device():
-        raise NotFound(f"disk image {v} does not exist")
-    return p
-
-
-def _timeout(params: Mapping[str, Any], default: float) -> float:
-    v = params.get("timeout_seconds", default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v > 86400:
-        raise BadInput(f"task parameter 'timeout_seconds' must be a number of seconds (0..86400), not {v!r}")
-    return float(v)
-
-
-def _bool(params: Mapping[str, Any], key: str, default: bool = False) -> bool:
-    v = params.get(key, default)
-    if not isinstance(v, bool):
-        raise BadInput(f"task parameter {key!r} must be true or false, not {v!r}")
-    return v
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -176,6 +93,13 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT or not isinstance(d.get("disks"), dict):
         raise RemoteError(f"{root / MANIFEST}: not a manifest of format {MANIFEST_FORMAT}")
     return d
+
+
+def _image(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file() and not p.is_block_device():
+        raise NotFound(f"disk image {path} does not exist")
+    return p
 
 
 def _replica(env: TaskEnv, disk_id: str) -> DiskReplica:
@@ -219,20 +143,8 @@ def _net_driver(env: TaskEnv) -> Any:
 
 def run_materialize(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
     """A writable qcow2 overlay per disk over the chosen recovery points (pinned)."""
-    tag = _tag(params)
-    vm = _name(params, "vm")
-    disks = disk_id_map(params, required=True)
-    purpose = params.get("purpose", "failover")
-    if purpose not in PURPOSES:
-        raise BadInput(f"task parameter 'purpose' must be test or failover, not {purpose!r}")
-    points_in = params.get("point")
-    if points_in is None:
-        points_in = {}
-    if not isinstance(points_in, Mapping) or not all(isinstance(v, str) and v for v in points_in.values()):
-        raise BadInput(f"task parameter 'point' must be an object {{disk_id: point_id}}, not {points_in!r}")
-    unknown = set(points_in) - set(disks.values())
-    if unknown:
-        raise BadInput(f"task parameter 'point' names disks that are not in 'disk_ids': {', '.join(sorted(unknown))}")
+    p = parse_params(MaterializeParams, params)
+    tag, vm, disks, purpose, points_in = p.tag, p.vm, p.disk_ids, p.purpose, p.point or {}
     root = overlays_root(env) / tag
     with _OVERLAYS_LOCK:
         manifest = _read_manifest(root)
@@ -283,7 +195,7 @@ def _ensure_overlay(disk: DiskReplica, point: str, path: Path) -> None:
 
 def run_release(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
     """Delete a tag's overlays and drop their pins; refused while a VM uses one of them."""
-    tag = _tag(params)
+    tag = parse_params(ReleaseParams, params).tag
     root = overlays_root(env) / tag
     with _OVERLAYS_LOCK:
         if not root.exists():
@@ -327,17 +239,10 @@ def run_define_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgres
     """Define (not start) a VM on the given disk images, shaped like `template_xml`."""
     from standby.drivers.base import VmSpec
 
-    name = _owned(env, _name(params))
-    template = params.get("template_xml")
-    if template is not None and (not isinstance(template, str) or not template.strip()):
-        raise BadInput("task parameter 'template_xml' must be the source domain's XML")
-    disks = {t: os.path.abspath(p) for t, p in _targets(params, "disks", "image path").items()}
-    networks = params.get("networks") or []
-    if not isinstance(networks, list) or not all(n is None or (isinstance(n, str) and n) for n in networks):
-        raise BadInput(f"task parameter 'networks' must be a list of network names or nulls, not {networks!r}")
-    isolated = params.get("isolated_network")
-    if isolated is not None:
-        isolated = _name(params, "isolated_network")
+    p = parse_params(DefineVmParams, params)
+    name, template, isolated = _owned(env, p.name), p.template_xml, p.isolated_network
+    disks = {t: os.path.abspath(path) for t, path in p.disks.items()}
+    networks: list[str | None] = p.networks or []
     nics = _nic_count(template)
     drv = env.driver()
     existing = _find_vm(env, name)
@@ -358,9 +263,9 @@ def run_define_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgres
 def run_start_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
     from standby.drivers.base import VmState
 
-    name = _owned(env, _name(params))
-    _timeout(params, 60.0)  # accepted for symmetry: libvirt's start returns once QEMU runs
-    autostart = _bool(params, "autostart")
+    # timeout_seconds is accepted for symmetry: libvirt's start returns once QEMU runs
+    p = parse_params(StartVmParams, params)
+    name, autostart = _owned(env, p.name), p.autostart
     info = _find_vm(env, name)
     if info is None:
         raise NotFound(f"no VM named {name} on this host")
@@ -376,10 +281,8 @@ def run_stop_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress)
     """Graceful shutdown (ACPI), powered off at `timeout_seconds`; `force`: power off now."""
     from standby.drivers.base import VmState
 
-    name = _owned(env, _name(params))
-    timeout = _timeout(params, 60.0)
-    force = _bool(params, "force")
-    no_autostart = _bool(params, "disable_autostart")
+    p = parse_params(StopVmParams, params)
+    name, timeout, force, no_autostart = _owned(env, p.name), p.timeout_seconds, p.force, p.disable_autostart
     info = _find_vm(env, name)
     if info is None:
         return {"power_state": "absent", "forced": False, "was_running": False}
@@ -399,8 +302,7 @@ def run_stop_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress)
 
 def run_undefine_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
     """Remove a stopped VM's definition (its disk images stay); a running VM is refused."""
-    name = _owned(env, _name(params))
-    _timeout(params, 60.0)
+    name = _owned(env, parse_params(VmParams, params).name)
     if _find_vm(env, name) is None:
         return {"power_state": "absent", "removed": False}
     try:
@@ -415,7 +317,7 @@ def run_undefine_vm(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgr
 
 def run_create_network(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
     """An isolated network (no uplink, no DHCP) for test VMs; idempotent."""
-    name = _name(params)
+    name = parse_params(NamedParams, params).name
     return {"name": name, "attach": _net_driver(env).create_network(name)}
 
 
@@ -423,7 +325,7 @@ def run_delete_network(env: TaskEnv, params: Mapping[str, Any], progress: TaskPr
     """Remove an isolated network Standby made; refused while a defined VM is attached."""
     from standby.drivers.libvirt.domains import bridge_name_for
 
-    name = _name(params)
+    name = parse_params(NamedParams, params).name
     drv = _net_driver(env)
     on = {name, bridge_name_for(name)}
     users = sorted(vm.name for vm in drv.list_vms() if any(n.network in on for n in vm.nics))
@@ -444,8 +346,8 @@ def run_adopt_disk(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgre
     from standby.replication.protocol import CycleKind
     from standby.replication.seeding import adopt_source
 
-    disk_id = _disk_id(params.get("disk_id"))
-    image = _image(params)
+    p = parse_params(AdoptDiskParams, params)
+    disk_id, image = p.disk_id, _image(p.image)
     fmt, size = image_format(str(image))  # Conflict when a running VM holds the image
     progress.total_bytes = size
     progress.set(0, f"reading {image} ({fmt}) into replica {disk_id}")
@@ -473,11 +375,8 @@ def run_restore_disk(env: TaskEnv, params: Mapping[str, Any], progress: TaskProg
     The VM must be off."""
     from standby.drivers.libvirt.backup import image_format
 
-    disk_id = _disk_id(params.get("disk_id"))
-    image = _image(params)
-    pid = params.get("point")
-    if pid is not None and (not isinstance(pid, str) or not pid):
-        raise BadInput(f"task parameter 'point' must be a point id, not {pid!r}")
+    p = parse_params(RestoreDiskParams, params)
+    disk_id, image, pid = p.disk_id, _image(p.image), p.point
     disk = _replica(env, disk_id)
     point = disk.point(pid) if pid else disk.latest()
     if point is None:

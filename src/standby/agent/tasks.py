@@ -14,6 +14,10 @@ exception's class name for a bug). A task never takes the agent down.
 | seed_export | primary | an offline seed of each disk of a VM, from a point-in-time view |
 | seed_import | secondary | import such seeds as the disks' first points |
 
+Each kind's parameters are a model of `standby.contract` (`CycleParams`, `PruneParams`,
+`DiskIdsParams`, `SeedExportParams`, `SeedImportParams`), read with `parse_params`: bad
+parameters are a BadInput naming the one at fault.
+
 Recovery's kinds (docs/recovery.md, "Wiring") are in `agent/recovery.py`: materialize,
 release, define_vm, start_vm, stop_vm, undefine_vm, create_network, delete_network,
 adopt_disk, restore_disk.
@@ -38,7 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from standby.agent.recovery import RECOVERY_TASKS, disk_id_map
+from standby.agent.recovery import RECOVERY_TASKS
+from standby.contract import (CycleParams, DiskIdsParams, PruneParams, SeedExportParams, SeedImportParams,
+                              parse_params)
 from standby.errors import BadInput, Conflict, NotFound, Refused, StandbyError
 from standby.replication.store import ReplicaStore
 
@@ -127,48 +133,7 @@ class Outcome:
         return d
 
 
-# ---------------------------------------------------------------------------- params
-
-
-def _str(params: Mapping[str, Any], key: str) -> str:
-    v = params.get(key)
-    if not isinstance(v, str) or not v:
-        raise BadInput(f"task parameter {key!r} must be a non-empty string, not {v!r}")
-    return v
-
-
-def _disk_ids(params: Mapping[str, Any], *, required: bool = True) -> list[str]:
-    from standby.replication.protocol import check_id
-
-    v = params.get("disk_ids")
-    if v is None and not required:
-        return []
-    if not isinstance(v, list) or (required and not v) or not all(isinstance(d, str) for d in v):
-        raise BadInput(f"task parameter 'disk_ids' must be a list of disk ids, not {v!r}")
-    for d in v:
-        check_id(d, "disk id")
-    return list(dict.fromkeys(v))
-
-
-def _number(params: Mapping[str, Any], key: str, default: float | None) -> float | None:
-    v = params.get(key, default)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise BadInput(f"task parameter {key!r} must be a number >= 0, not {v!r}")
-    return float(v)
-
-
-def _compress(v: Any) -> str:
-    # The policy's `compression` is a yes/no; yes means the sender's adaptive mode, which
-    # compresses while the link is the bottleneck (never on a link faster than zstd).
-    if v is None or v is True:
-        return "auto"
-    if v is False:
-        return "off"
-    if v in ("on", "off", "auto"):
-        return str(v)
-    raise BadInput(f"task parameter 'compress' must be true, false, 'on', 'off' or 'auto', not {v!r}")
+# ---------------------------------------------------------------------------- helpers
 
 
 def _open_disk(store: ReplicaStore, disk_id: str) -> Any:
@@ -189,20 +154,15 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
     from standby.agent.replicate import CycleFailed, replicate_vm
     from standby.replication.sender import Endpoint, SenderOptions
 
-    vm = _str(params, "vm")
+    p = parse_params(CycleParams, params)
+    vm = p.vm
     if not env.owns(vm):
         raise Refused(f"VM {vm} is not in this agent's domain filter")
-    peer = params.get("peer")
-    if not isinstance(peer, dict):
-        raise BadInput(f"task parameter 'peer' must be {{name, address}}, not {peer!r}")
-    endpoint = Endpoint.parse(_str(peer, "address"))
-    consistency = params.get("consistency", "auto")
-    if consistency not in ("crash", "app", "auto"):
-        raise BadInput(f"task parameter 'consistency' must be crash, app or auto, not {consistency!r}")
-    timeout = _number(params, "timeout_seconds", 60.0) or 60.0
-    disk_ids = disk_id_map(params, required=False)
-    opts = SenderOptions(compress=_compress(params.get("compress")), timeout=timeout, limiter=env.limiter,
-                         meta={"item_id": params.get("item_id")} if params.get("item_id") is not None else {})
+    endpoint = Endpoint.parse(p.peer.address)
+    opts = SenderOptions(compress=p.compress_mode, timeout=p.timeout_seconds, limiter=env.limiter,
+                         meta={"item_id": p.item_id} if p.item_id is not None else {})
+    # What the cycle's points carry for a failover without the control plane (the VM manifest).
+    recovery = {**p.recovery.model_dump(), "item_id": p.item_id}
     taken: dict[str, Any] = {}
     driver = env.driver()
 
@@ -221,32 +181,14 @@ def run_cycle(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
     try:
         with env.vm_lock(vm):
             res = replicate_vm(driver, vm, endpoint, env.client_context(), env.state_dir,
-                               consistency=str(consistency), options=opts, on_session=on_session, disk_ids=disk_ids,
-                               force_hash_scan=bool(params.get("force_hash_scan", False)),
-                               progress=progress.add_bytes, recovery=_recovery(params))
+                               consistency=p.consistency, options=opts, on_session=on_session,
+                               disk_ids=p.disk_ids or {}, force_hash_scan=p.force_hash_scan,
+                               progress=progress.add_bytes, recovery=recovery)
     except CycleFailed as exc:
         # Some disks committed: the control plane gets which, with the failure.
         exc.partial = _cycle_result(exc.result, taken.get("at"))  # type: ignore[attr-defined]
         raise
     return _cycle_result(res, taken.get("at"))
-
-
-def _recovery(params: Mapping[str, Any]) -> dict[str, Any]:
-    """What the control plane sends for the cycle's VM manifest: `recovery: {network_map:
-    {primary network: secondary network or null}, policy: {...}}` and the item id."""
-    rec = params.get("recovery") or {}
-    if not isinstance(rec, Mapping):
-        raise BadInput(f"task parameter 'recovery' must be an object, not {rec!r}")
-    nm = rec.get("network_map") or {}
-    if not isinstance(nm, Mapping) or not all(isinstance(k, str) and (v is None or isinstance(v, str))
-                                              for k, v in nm.items()):
-        raise BadInput("task parameter 'recovery.network_map' must map network names to network names or null")
-    policy = rec.get("policy") or {}
-    if not isinstance(policy, Mapping):
-        raise BadInput("task parameter 'recovery.policy' must be an object")
-    item_id = params.get("item_id")
-    return {"network_map": dict(nm), "policy": dict(policy),
-            "item_id": item_id if isinstance(item_id, int) and not isinstance(item_id, bool) else None}
 
 
 def _cycle_result(res: Any, taken_at: float | None) -> dict[str, Any]:
@@ -308,16 +250,17 @@ def run_seed_export(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgr
     from standby.replication.protocol import CycleKind
     from standby.replication.sender import SenderState
 
-    vm = _str(params, "vm")
+    p = parse_params(SeedExportParams, params)
+    vm = p.vm
     if not env.owns(vm):
         raise Refused(f"VM {vm} is not in this agent's domain filter")
-    root = Path(_str(params, "path"))
-    wanted = _disk_ids(params, required=False)
+    root = Path(p.path)
+    wanted = p.disk_ids or []
     driver = env.driver()
     st = VmReplicationState.load(env.state_dir, vm)
     total = 0
     exported: dict[str, Any] = {}
-    with driver.begin_cycle(vm, st.checkpoint, str(params.get("consistency", "auto"))) as session:
+    with driver.begin_cycle(vm, st.checkpoint, p.consistency) as session:
         taken_at = time.time()
         disks = [(dc, disk_id_for(vm, dc.target)) for dc in session.disks]
         unknown = set(wanted) - {d for _, d in disks}
@@ -360,27 +303,23 @@ def run_prune(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -
     """Retention: remove the points the policy does not keep (latest, pinned and `keep` stay)."""
     from standby.domain.retention import RetentionPolicy
 
-    ids = _disk_ids(params)
-    interval = _number(params, "app_consistent_interval_hours", 0.0)
+    p = parse_params(PruneParams, params)
     # App-consistent points are kept over the whole retention window when the policy takes
     # them at all (the reference's "app-consistent snapshot frequency"); an explicit
     # app_consistent_hours narrows that.
-    app_hours = _number(params, "app_consistent_hours", None)
-    if app_hours is None and not interval:
+    app_hours = p.app_consistent_hours
+    if app_hours is None and not p.app_consistent_interval_hours:
         app_hours = 0.0
     try:
-        policy = RetentionPolicy(_number(params, "retention_hours", 0.0) or 0.0, app_hours,
-                                 _number(params, "keep_all_minutes", 0.0) or 0.0)
+        policy = RetentionPolicy(p.retention_hours or 0.0, app_hours, p.keep_all_minutes or 0.0)
     except ValueError as exc:
         raise BadInput(f"retention policy: {exc}") from None
     # `keep`: {disk_id: point_id} kept whatever the policy says (a committed failover's point).
-    keep = params.get("keep") or {}
-    if not isinstance(keep, Mapping) or not all(isinstance(v, str) and v for v in keep.values()):
-        raise BadInput(f"task parameter 'keep' must be an object {{disk_id: point_id}}, not {keep!r}")
+    keep = p.keep or {}
     now = time.time()
     removed: dict[str, list[str]] = {}
     missing: list[str] = []
-    for disk_id in ids:
+    for disk_id in p.disk_ids:
         disk = _open_disk(env.store, disk_id)
         if disk is None:
             missing.append(disk_id)  # not replicated yet: nothing to prune
@@ -412,7 +351,7 @@ def delete_disk(store: ReplicaStore, disk_id: str) -> bool:
 
 
 def run_delete_replica(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
-    ids = _disk_ids(params)
+    ids = parse_params(DiskIdsParams, params).disk_ids
     # Check every disk before removing any: a refusal leaves all of them.
     for disk_id in ids:
         disk = _open_disk(env.store, disk_id)
@@ -425,7 +364,7 @@ def run_delete_replica(env: TaskEnv, params: Mapping[str, Any], progress: TaskPr
 
 
 def run_list_points(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
-    ids = _disk_ids(params)
+    ids = parse_params(DiskIdsParams, params).disk_ids
     out: dict[str, list[dict[str, Any]]] = {}
     for disk_id in ids:
         disk = _open_disk(env.store, disk_id)
@@ -444,8 +383,8 @@ def run_list_points(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgr
 def run_seed_import(env: TaskEnv, params: Mapping[str, Any], progress: TaskProgress) -> dict[str, Any]:
     """Offline initial replication, secondary side: import `path/<disk_id>/` as each disk's
     first point (checked block by block against the seed's digest)."""
-    root = Path(_str(params, "path"))
-    ids = _disk_ids(params)
+    p = parse_params(SeedImportParams, params)
+    root, ids = Path(p.path), p.disk_ids
     total = 0
     imported: dict[str, Any] = {}
     for i, disk_id in enumerate(ids):
