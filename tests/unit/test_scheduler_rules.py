@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from standby.contract import prune_params
 from standby.domain import lifecycle
 from standby.domain.health import Finding
 from standby.domain.lifecycle import Health, Site, State
@@ -21,7 +22,6 @@ from standby.orchestration.scheduler import (
     needs_resync,
     next_cycle_after,
     parse_time,
-    prune_params,
     resync_pending,
     retry_at,
     should_prune,

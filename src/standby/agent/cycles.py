@@ -39,7 +39,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from standby.contract import MAX_REPORTS_PER_BATCH, CycleReport, DesiredReplica, DesiredState, DesiredVm, ReportBatch
+from standby.contract import (MAX_REPORTS_PER_BATCH, CycleReport, DesiredReplica, DesiredState, DesiredVm, ReportBatch,
+                              prune_params)
 from standby.domain.cycles import consistency_for, retry_at
 from standby.errors import StandbyError
 
@@ -308,7 +309,6 @@ class CycleScheduler:
     def prune(self, replicas: list[DesiredReplica]) -> None:
         """The replicas this agent holds, by their policy's retention (the prune task's code)."""
         from standby.agent.tasks import TaskProgress, run_prune
-        from standby.orchestration.scheduler import prune_params
 
         for r in replicas:
             try:

@@ -67,7 +67,9 @@ from standby.domain.recovery_points import (
 from standby.errors import BadInput, NotFound, Refused, RemoteError, StandbyError
 from standby.orchestration import agents as agents_svc
 from standby.orchestration.protection import item_context, resolve_item
-from standby.contract import disk_id_for
+from standby.contract import (AdoptDiskParams, CycleParams, DefineVmParams, DiskIdsParams, MaterializeParams,
+                              NamedParams, PruneParams, ReleaseParams, RestoreDiskParams, StartVmParams, StopVmParams,
+                              VmParams, build_params, disk_id_for)
 from standby.orchestration.runner import JobCancelled, JobHandler, JobRunner, RunnerStopping, Step, StepContext
 from standby.orchestration.scheduler import SENDER_TIMEOUT_SECONDS, parse_time
 from standby.store import Store
@@ -455,7 +457,6 @@ class _Run:
         replica = replica_vm_name(it["secondary"]["prefix"], vm)
         test_vm = test_vm_name(it["secondary"]["prefix"], vm)
         self.extra.setdefault("test", {})
-        stop = {"timeout_seconds": STOP_TIMEOUT}
         if op is Op.RECORD:
             if self.wf.kind is Kind.TEST_FAILOVER and a.kind is ActionKind.DO:
                 self.extra["test"].update(vm=test_vm, tag=f"test-{self.item_id}",
@@ -473,8 +474,9 @@ class _Run:
             for attempt in range(1, MATERIALIZE_ATTEMPTS + 1):
                 try:
                     res = self.task(a, Site.SECONDARY, "materialize",
-                                    {"vm": vm, "disk_ids": it["disk_map"], "point": point["disks"],
-                                     "purpose": "test" if test else "failover", "tag": tag})
+                                    build_params(MaterializeParams, vm=vm, disk_ids=it["disk_map"],
+                                                 point=point["disks"], purpose="test" if test else "failover",
+                                                 tag=tag))
                     break
                 except RemoteError as e:
                     # Replication goes on during a test failover, and retention may prune the
@@ -496,11 +498,11 @@ class _Run:
         elif op in (Op.DELETE_OVERLAY, Op.DELETE_TEST_OVERLAY):
             test = op is Op.DELETE_TEST_OVERLAY
             tag = f"test-{self.item_id}" if test else f"failover-{self.item_id}"
-            self.task(a, Site.SECONDARY, "release", {"tag": tag})
+            self.task(a, Site.SECONDARY, "release", build_params(ReleaseParams, tag=tag))
         elif op is Op.CREATE_TEST_NETWORK:
-            self.task(a, Site.SECONDARY, "create_network", {"name": self._test_network_name()})
+            self.task(a, Site.SECONDARY, "create_network", build_params(NamedParams, name=self._test_network_name()))
         elif op is Op.DELETE_TEST_NETWORK:
-            self.task(a, Site.SECONDARY, "delete_network", {"name": self._test_network_name()})
+            self.task(a, Site.SECONDARY, "delete_network", build_params(NamedParams, name=self._test_network_name()))
         elif op is Op.CHECK_TEST_NETWORK:
             name = self.wf.options.network_name
             with self.store.read() as s:
@@ -513,19 +515,20 @@ class _Run:
             n = max(1, len(it["networks"]))
             mode = self.wf.options.network
             net_name = self._test_network_name()
-            params: dict[str, Any] = {"name": test_vm, "template_xml": xml,
-                                      "disks": self._overlays(test=True),
-                                      "networks": [None if mode is TestNetwork.NONE else net_name] * n}
-            if mode is TestNetwork.ISOLATED:
-                params["isolated_network"] = net_name
-            self.task(a, Site.SECONDARY, "define_vm", params)
+            self.task(a, Site.SECONDARY, "define_vm", build_params(
+                DefineVmParams, name=test_vm, template_xml=xml, disks=self._overlays(test=True),
+                networks=[None if mode is TestNetwork.NONE else net_name] * n,
+                isolated_network=net_name if mode is TestNetwork.ISOLATED else None))
             self.extra["test_vm"] = test_vm
         elif op is Op.START_TEST_VM:
-            self.task(a, Site.SECONDARY, "start_vm", {"name": test_vm, **stop})
+            self.task(a, Site.SECONDARY, "start_vm",
+                      build_params(StartVmParams, name=test_vm, timeout_seconds=STOP_TIMEOUT))
         elif op is Op.STOP_TEST_VM:
-            self.task(a, Site.SECONDARY, "stop_vm", {"name": test_vm, **stop})
+            self.task(a, Site.SECONDARY, "stop_vm",
+                      build_params(StopVmParams, name=test_vm, timeout_seconds=STOP_TIMEOUT))
         elif op is Op.UNDEFINE_TEST_VM:
-            self.task(a, Site.SECONDARY, "undefine_vm", {"name": test_vm, **stop})
+            self.task(a, Site.SECONDARY, "undefine_vm",
+                      build_params(VmParams, name=test_vm, timeout_seconds=STOP_TIMEOUT))
         elif op is Op.RECORD_NOTES:
             self.extra["notes"] = self.wf.options.notes
         elif op in (Op.SHUT_DOWN_VM, Op.STOP_VM, Op.START_VM, Op.FENCE_SOURCE):
@@ -538,8 +541,8 @@ class _Run:
                 if not xml:
                     raise Refused(f"no domain XML of VM {vm} has been replicated yet (the next cycle carries it)")
                 self.task(a, Site.SECONDARY, "define_vm",
-                          {"name": replica, "template_xml": xml, "disks": self._overlays(test=False),
-                           "networks": it["networks"]})
+                          build_params(DefineVmParams, name=replica, template_xml=xml,
+                                       disks=self._overlays(test=False), networks=it["networks"]))
             else:
                 # Failback: the primary keeps the VM's definition; its own disks get the
                 # last point the final sync committed to the primary.
@@ -549,19 +552,21 @@ class _Run:
                     if not path:
                         raise Refused(f"VM {vm}: the inventory has no image path for disk {target}")
                     res = self.task(a, Site.PRIMARY, "restore_disk",
-                                    {"disk_id": disk_id, "point": committed.get(disk_id), "image": path},
+                                    build_params(RestoreDiskParams, disk_id=disk_id, point=committed.get(disk_id),
+                                                 image=path),
                                     key=disk_id)
                     self._add_bytes(a, int(res.get("bytes", 0) or 0), key="bytes_restored")
         elif op is Op.UNDEFINE_VM:
             assert site is not None
-            self.task(a, site, "undefine_vm", {"name": replica if site is Site.SECONDARY else vm, **stop})
+            self.task(a, site, "undefine_vm", build_params(VmParams, name=replica if site is Site.SECONDARY else vm,
+                                                           timeout_seconds=STOP_TIMEOUT))
         elif op is Op.FINAL_SYNC:
             self._final_sync(a, it, replica)
         elif op is Op.RELEASE_POINTS:
             point = (it["details"].get("failover") or {}).get("point") or {}
             res = self.task(a, Site.SECONDARY, "prune",
-                            {"disk_ids": sorted(it["disk_map"].values()), "retention_hours": 0,
-                             "app_consistent_interval_hours": 0, "keep": point.get("disks", {})})
+                            build_params(PruneParams, disk_ids=sorted(it["disk_map"].values()), retention_hours=0,
+                                         app_consistent_interval_hours=0, keep=point.get("disks", {})))
             self._note(a, f"released {sum(len(v) for v in (res.get('removed') or {}).values())} older point(s)")
         elif op is Op.PREPARE_REVERSE_REPLICA:
             self._prepare_reverse(a, it, replica)
@@ -600,16 +605,16 @@ class _Run:
         if op is Op.START_VM:
             # the VM starts with its host again as it did before the switch (if it did)
             autostart = bool(self._autostart_was().get(name))
-            self.task(a, site, "start_vm", {"name": name, "timeout_seconds": STOP_TIMEOUT,
-                                            **({"autostart": True} if autostart else {})})
+            self.task(a, site, "start_vm",
+                      build_params(StartVmParams, name=name, timeout_seconds=STOP_TIMEOUT, autostart=autostart))
             return
         # A VM stopped for a switch must not start again with its host (a site that comes
         # back after a disaster would run it beside its replica): autostart off.
-        stop = {"name": name, "disable_autostart": True}
         if op is Op.SHUT_DOWN_VM and self.wf.kind is Kind.UNPLANNED_FAILOVER:
             self._source_must_answer(site)  # the optional "try to shut down": no wait on a lost site
         if op is not Op.FENCE_SOURCE:
-            self._stopped(self.task(a, site, "stop_vm", {**stop, "timeout_seconds": STOP_TIMEOUT}), name)
+            self._stopped(self.task(a, site, "stop_vm", build_params(
+                StopVmParams, name=name, disable_autostart=True, timeout_seconds=STOP_TIMEOUT)), name)
             return
         # Power off if the source answers, else record it as lost (the operator's declaration).
         if not self._source_answers(site):
@@ -619,8 +624,9 @@ class _Run:
             return
         deadline = float(self.ctx.payload.get("fence_timeout") or FENCE_DEADLINE)
         try:
-            self._stopped(self.task(a, site, "stop_vm", {**stop, "timeout_seconds": min(STOP_TIMEOUT, deadline)},
-                                    deadline=deadline), name)
+            self._stopped(self.task(a, site, "stop_vm", build_params(
+                StopVmParams, name=name, disable_autostart=True, timeout_seconds=min(STOP_TIMEOUT, deadline)),
+                deadline=deadline), name)
         except RemoteError as e:
             self.extra["declared_lost"] = True
             self._note(a, f"the source did not power off ({e.message}): declared lost")
@@ -673,7 +679,7 @@ class _Run:
 
     def _choose_point(self, a: Action, it: dict[str, Any], key: str = "") -> None:
         disk_ids = sorted(it["disk_map"].values())
-        res = self.task(a, Site.SECONDARY, "list_points", {"disk_ids": disk_ids}, key=key)
+        res = self.task(a, Site.SECONDARY, "list_points", build_params(DiskIdsParams, disk_ids=disk_ids), key=key)
         points = _disk_points(res.get("points") or {})
         committed = self.extra.get("committed")
         # A planned failover takes its final sync's point (zero loss); an unplanned one only
@@ -744,15 +750,16 @@ class _Run:
         self._quiesce_cycles()
         if source is Site.PRIMARY:
             peer, vm = it["secondary"], it["vm"]
-            extra: dict[str, Any] = {}
+            disk_ids = None
         else:  # failback: from the replica VM to the primary, naming the original disks
             peer, vm = it["primary"], replica
-            extra = {"disk_ids": it["details"].get("replica_disk_ids") or it["disk_map"]}
+            disk_ids = it["details"].get("replica_disk_ids") or it["disk_map"]
         if not peer.get("address"):
             raise Refused(f"agent {peer['name']} has no replication address")
-        params = {"item_id": self.item_id, "vm": vm, "peer": {"name": peer["name"], "address": peer["address"]},
-                  "consistency": "crash", "compress": it["compress"], "force_hash_scan": False,
-                  "timeout_seconds": SENDER_TIMEOUT_SECONDS, "final_sync": True, **extra}
+        params = build_params(CycleParams, item_id=self.item_id, vm=vm,
+                              peer={"name": peer["name"], "address": peer["address"]}, consistency="crash",
+                              compress=it["compress"], force_hash_scan=False,
+                              timeout_seconds=SENDER_TIMEOUT_SECONDS, final_sync=True, disk_ids=disk_ids)
         res = self.task(a, source, "cycle", params, item_task=True)
         committed = res.get("points") if isinstance(res.get("points"), dict) else {}
         if not committed:
@@ -767,7 +774,8 @@ class _Run:
             path = it["disk_paths"].get(target)
             if not path:
                 raise Refused(f"VM {it['vm']}: the inventory has no image path for disk {target}")
-            res = self.task(a, Site.PRIMARY, "adopt_disk", {"disk_id": disk_id, "image": path}, key=disk_id)
+            res = self.task(a, Site.PRIMARY, "adopt_disk", build_params(AdoptDiskParams, disk_id=disk_id, image=path),
+                            key=disk_id)
             self._add_bytes(a, 0)
             self.extra.setdefault("adopted", {})[disk_id] = res.get("point_id")
         with self.store.transaction() as s:
@@ -782,9 +790,10 @@ class _Run:
             image = overlays.get(target)
             if not image:
                 raise Refused(f"VM {it['vm']}: no overlay of disk {target} is known on the secondary")
-            self.task(a, Site.SECONDARY, "adopt_disk", {"disk_id": disk_id, "image": image}, key=disk_id)
+            self.task(a, Site.SECONDARY, "adopt_disk", build_params(AdoptDiskParams, disk_id=disk_id, image=image),
+                      key=disk_id)
         if failover.get("tag"):
-            self.task(a, Site.SECONDARY, "release", {"tag": failover["tag"]})
+            self.task(a, Site.SECONDARY, "release", build_params(ReleaseParams, tag=failover["tag"]))
         with self.store.transaction() as s:
             item = items.get(s, self.item_id, lock=True)
             details = dict(item.details or {})

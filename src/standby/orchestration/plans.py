@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from standby.contract import StopVmParams, build_params
 from standby.domain import plans as plan_rules
 from standby.domain.lifecycle import State
 from standby.domain.plans import PlanDone, PlanFailoverType, PlanStep, PlanStepStatus, StepKind
@@ -317,7 +318,7 @@ class _PlanRun:
                     errors.append(f"{vm}: {e.message}")
                     continue
                 t = tasks.enqueue(s, agent_id=agent.id, kind="stop_vm",
-                                  params={"name": item.vm.name, "timeout_seconds": STOP_TIMEOUT},
+                                  params=build_params(StopVmParams, name=item.vm.name, timeout_seconds=STOP_TIMEOUT),
                                   job_id=self.ctx.job_id, deadline_seconds=self.ctx.settings.task_deadline_seconds)
                 recorded[vm] = t.id
         self.info.setdefault(str(step.number), {})["tasks"] = recorded

@@ -36,7 +36,7 @@ from standby.domain.lifecycle import Event, ItemContext, State
 from standby.errors import BadInput, NotFound, Refused, RemoteError
 from standby.orchestration import agents as agent_svc
 from standby.orchestration.livefabric import live_readiness_for
-from standby.contract import disk_id_for
+from standby.contract import DiskIdsParams, SeedExportParams, SeedImportParams, build_params, disk_id_for
 from standby.orchestration.runner import JobHandler, JobRunner, Step, StepContext
 from standby.orchestration.settings import ServerSettings
 from standby.readiness.engine import Report, Severity
@@ -425,8 +425,10 @@ def _offline_seed(ctx: StepContext) -> None:
         disk_ids = disk_ids_of(item)
         export_id = _enqueue_or_reuse(
             ctx, s, item, "seed_export_task", agent=primary, kind="seed_export", deadline=SEED_TASK_DEADLINE,
-            params={"vm": item.vm.name, "disk_ids": disk_ids, "path": item.policy.offline_export_path})
-        import_params = {"vm": item.vm.name, "disk_ids": disk_ids, "path": item.policy.offline_import_path}
+            params=build_params(SeedExportParams, vm=item.vm.name, disk_ids=disk_ids,
+                                path=item.policy.offline_export_path))
+        import_params = build_params(SeedImportParams, vm=item.vm.name, disk_ids=disk_ids,
+                                     path=item.policy.offline_import_path)
         secondary_id = secondary.id
     ctx.report(10, f"exporting the seed of {len(disk_ids)} disk(s) on the primary")
     exported = _wait_task(ctx, export_id, what="the seed export", timeout=SEED_TASK_DEADLINE)
@@ -670,7 +672,8 @@ def _delete_replica_step(ctx: StepContext) -> None:
             raise Refused(f"cannot delete the replica of VM {item.vm.name}: no active agent on host {host}") from None
         disk_ids = disk_ids_of(item)
         task_id = _enqueue_or_reuse(ctx, s, item, "delete_replica_task", agent=agent, kind="delete_replica",
-                                    params={"disk_ids": disk_ids}, deadline=ctx.settings.task_deadline_seconds)
+                                    params=build_params(DiskIdsParams, disk_ids=disk_ids),
+                                    deadline=ctx.settings.task_deadline_seconds)
     ctx.report(10, f"deleting {len(disk_ids)} replica disk(s) on {host}")
     result = _wait_task(ctx, task_id, what="deleting the replica", timeout=ctx.settings.task_deadline_seconds + 60)
     with ctx.store.transaction() as s:

@@ -17,7 +17,7 @@ result, and by step 2) turns a finished cycle into the item's new recovery point
 cycle, lifecycle transition and, when the policy keeps history, a `prune` task.
 
 The decisions are small pure functions below (`consistency_for`, `next_cycle_after`,
-`retry_at`, `needs_resync`, `summary_point_id`, `prune_params`, `item_alerts` ...),
+`retry_at`, `needs_resync`, `summary_point_id`, `item_alerts` ...),
 tested without a database. The health pass reads every item with its policy, VM and hosts
 in one query and the agents and open alerts in one query each, so a tick costs a handful
 of queries whatever the number of items.
@@ -37,10 +37,10 @@ from sqlalchemy.orm import Session, aliased, selectinload
 
 from standby.domain import health as health_rules
 from standby.domain import lifecycle
-from standby.contract import CycleReport
+from standby.contract import CycleParams, CycleReport, build_params, prune_params
 from standby.domain.cycles import consistency_for, next_cycle_after, retry_at
 from standby.domain.lifecycle import Event, ItemContext, Site, State
-from standby.errors import NotFound
+from standby.errors import BadInput, NotFound
 from standby.orchestration import agents as agent_svc
 from standby.orchestration.settings import ServerSettings
 from standby.store.base import utcnow
@@ -136,25 +136,22 @@ def cycle_plan(item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], no
     policy = item.policy
     details = item.details or {}
     force = state is State.RESYNCHRONIZING or bool(details.get("force_hash_scan"))
-    params: dict[str, Any] = {
-        "item_id": item.id,
-        "vm": item.vm.name,
-        "peer": {"name": target.name, "address": target.address},
-        "consistency": consistency_for(
-            policy.app_consistent_interval_hours, parse_time(details.get("last_app_consistent_at")), now
-        ),
-        "compress": bool(policy.compression),
-        "force_hash_scan": force,
-        "timeout_seconds": SENDER_TIMEOUT_SECONDS,
-        "recovery": recovery_params(item, mappings, reverse=sites[0] is Site.SECONDARY),
-    }
+    vm, disk_ids = item.vm.name, None
     if sites[0] is Site.SECONDARY:
         # Reverse replication: the replica VM on the secondary sends to the old primary,
         # its disks named by the original disks' ids (the old disks adopted as the base).
-        params["vm"] = str(details.get("replica_vm") or item.vm.name)
+        vm = str(details.get("replica_vm") or item.vm.name)
         if isinstance(details.get("replica_disk_ids"), dict):
-            params["disk_ids"] = dict(details["replica_disk_ids"])
-    return source, params
+            disk_ids = dict(details["replica_disk_ids"])
+    try:
+        return source, build_params(
+            CycleParams, item_id=item.id, vm=vm, peer={"name": target.name, "address": target.address},
+            consistency=consistency_for(policy.app_consistent_interval_hours,
+                                        parse_time(details.get("last_app_consistent_at")), now),
+            compress=bool(policy.compression), force_hash_scan=force, timeout_seconds=SENDER_TIMEOUT_SECONDS,
+            recovery=recovery_params(item, mappings, reverse=sites[0] is Site.SECONDARY), disk_ids=disk_ids)
+    except BadInput as exc:  # what no agent would accept: this item's problem, not the whole tick's
+        return exc.message if problems else None
 
 
 def recovery_params(item: ProtectedItem, mappings: Mapping[str, str], *, reverse: bool = False) -> dict[str, Any]:
@@ -208,24 +205,6 @@ def should_prune(state: State) -> bool:
     retention (0 hours = the latest point only, as in the reference) is what bounds the
     replica's chain and its storage; the replica store removes nothing by itself."""
     return lifecycle.may_prune_recovery_points(state)
-
-
-def prune_params(disk_ids: list[str], retention_hours: int, app_consistent_interval_hours: int,
-                 keep_all_points_minutes: int = 0) -> dict[str, Any]:
-    """A prune task's parameters for a policy. The retention rules (`domain.retention`) keep
-    the last minutes' points only inside the retention window, and nothing but the latest
-    point with no window: the window sent is widened to cover them. That widening keeps
-    nothing else (whatever else falls in the wider window is within those minutes), so the
-    agent keeps exactly the policy's hourly points plus every point of the last minutes."""
-    window_hours: float = retention_hours
-    if keep_all_points_minutes > 0:
-        window_hours = max(retention_hours, keep_all_points_minutes / 60)
-    return {
-        "disk_ids": disk_ids,
-        "retention_hours": window_hours,
-        "app_consistent_interval_hours": app_consistent_interval_hours,
-        "keep_all_minutes": keep_all_points_minutes,
-    }
 
 
 def cycle_sites(state: State) -> tuple[Site, Site] | None:

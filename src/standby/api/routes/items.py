@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from standby.api import deps, schemas
 from standby.api.auth import Principal, authenticate, authorize
+from standby.contract import DiskIdsParams, build_params
 from standby.errors import NotFound, Refused, RemoteError
 from standby.orchestration import protection
 from standby.store.db import Store
@@ -191,7 +192,7 @@ def list_points(
             s,
             agent_id=agent.id,
             kind=POINTS_TASK,
-            params={"disk_ids": disk_ids},
+            params=build_params(DiskIdsParams, disk_ids=disk_ids),
             item_id=item.id,
             deadline_seconds=timeout,
         )
