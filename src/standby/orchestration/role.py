@@ -210,6 +210,9 @@ class RoleKeeper:
                 row.active_instance = self.instance
                 epoch = row.epoch
             self.role, self.reason, self.leader = Role.ACTIVE, "", True
+            # what /health shows changes with the role, not at the next view(): a health
+            # check must never see "active" beside the previous holder's epoch
+            self.last_view = RoleView(Role.ACTIVE, "", self.name, epoch, self.name, self.url, now)
             log.info("control plane %s is active (epoch %d%s)%s", self.name, epoch,
                      ", taken over" if taking_over else "",
                      f": worker {os.getpid()} leads instance {self.instance}" if self.instance else "")
