@@ -9,13 +9,24 @@ agent keeps replicas as a secondary.
 
 `facts` holds fabric `Host` fields only (`standby.domain.fabric.Host`, without `vms`), so
 the control plane can rebuild the fabric the readiness rules check from the inventory.
+
+Digests (`Digests`): each host's own fields and each VM's entry go with a digest of them;
+an entry whose digest the control plane acknowledged is sent as its digest only (a VM in
+the host's `vm_digests`, a host without its own fields), the others in full. The control
+plane answers with the digests it does not know (`resend`, `hosts_resend`), which are sent
+in full at once. What it acknowledged is kept in memory only: a restarted agent sends
+everything the first time, and an answer without `digests_known` (an older control plane,
+which would take a VM left out of `vms` as gone) makes every report a full one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +105,54 @@ def collect(cfg: AgentConfig, driver: Any, clock_skew_seconds: float | None = No
     vms = driver.list_vms()
     free, _total = storage(cfg.replicas_dir)
     return {"hosts": [host_entry(cfg, host, vms, free, clock_skew_seconds)]}
+
+
+def digest(entry: Mapping[str, Any]) -> str:
+    """A stable digest of an inventory entry: sha256 of its canonical JSON (sorted keys, no
+    spaces), the first 24 hex digits."""
+    raw = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+class Digests:
+    """The digests the control plane said it stored, per host (its own fields) and per VM,
+    and the reports built from them."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, str] = {}  # host -> digest of its own fields
+        self.vms: dict[str, dict[str, str]] = {}  # host -> VM name -> digest of its entry
+
+    def report(self, full: Mapping[str, Any]) -> dict[str, Any]:
+        """The body to send for `full` (`collect`'s): every entry with its digest, in full
+        only where the digest is not the acknowledged one."""
+        hosts = []
+        for h in full["hosts"]:
+            own = {k: v for k, v in h.items() if k != "vms"}
+            hd = digest(own)
+            entry: dict[str, Any] = ({"name": h["name"], "digest": hd} if self.hosts.get(h["name"]) == hd
+                                     else {**own, "digest": hd})
+            acked = self.vms.get(h["name"], {})
+            vms, unchanged = [], {}
+            for v in h["vms"]:
+                vd = digest(v)
+                if acked.get(v["name"]) == vd:
+                    unchanged[v["name"]] = vd
+                else:
+                    vms.append({**v, "digest": vd})
+            hosts.append({**entry, "vms": vms, "vm_digests": unchanged})
+        return {"hosts": hosts}
+
+    def acknowledge(self, sent: Mapping[str, Any], answer: Any) -> None:
+        """Take the control plane's answer to `sent`: what it sent is acknowledged but for
+        what the answer asks for again; nothing is unless the answer says it stores digests."""
+        self.hosts, self.vms = {}, {}
+        if not isinstance(answer, dict) or answer.get("digests_known") is not True:
+            return
+        resend = set(answer.get("resend") or [])
+        hosts_resend = set(answer.get("hosts_resend") or [])
+        for h in sent["hosts"]:
+            name = h["name"]
+            if name not in hosts_resend:
+                self.hosts[name] = h["digest"]
+            vms = {**{v["name"]: v["digest"] for v in h["vms"]}, **h["vm_digests"]}
+            self.vms[name] = {n: d for n, d in vms.items() if f"{name}/{n}" not in resend}

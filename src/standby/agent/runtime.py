@@ -57,6 +57,8 @@ log = logging.getLogger("standby.agent")
 MAX_BACKOFF = 30.0
 # Tasks after which the inventory is sent at once (the control plane sees VMs through it).
 VM_CHANGING_KINDS = frozenset({"define_vm", "start_vm", "stop_vm", "undefine_vm"})
+# Lists of the inventory's answer not worth a log line (resend is logged when asked for).
+QUIET_SYNC_KEYS = frozenset({"hosts_updated", "vms_updated", "resend", "hosts_resend"})
 
 
 def abort_stale_backups(driver: Any, owns: Callable[[str], bool]) -> list[str]:
@@ -354,6 +356,7 @@ class AgentRuntime:
         self.store: Any = None
         self.env: TaskEnv | None = None
         self.stats = {"heartbeats": 0, "inventories": 0, "claimed": 0, "succeeded": 0, "failed": 0}
+        self.inventory_digests = inv.Digests()  # what the control plane acknowledged (memory only)
 
     # ------------------------------------------------------------------ parts
 
@@ -761,9 +764,26 @@ class AgentRuntime:
                 return
 
     def sync_inventory(self) -> dict[str, Any]:
-        body = inv.collect(self.cfg, self.driver(), self.clock_skew)
+        return self.report_inventory(inv.collect(self.cfg, self.driver(), self.clock_skew))
+
+    def report_inventory(self, full: dict[str, Any]) -> dict[str, Any]:
+        """PUT the inventory `full`, entries the control plane acknowledged as digests only;
+        what it answers it does not know (restored from a backup, another control plane)
+        goes in full in a second PUT at once. The answers, lists joined."""
+        answer = self._put_inventory(full)
+        if answer.get("resend") or answer.get("hosts_resend"):
+            log.info("inventory: the control plane asked again for %d VM(s)%s in full", len(answer.get("resend") or []),
+                     " and the host" if answer.get("hosts_resend") else "")
+            again = self._put_inventory(full)
+            answer = {k: (v + again[k] if isinstance(v, list) and isinstance(again.get(k), list) else again.get(k, v))
+                      for k, v in answer.items()}
+        return answer
+
+    def _put_inventory(self, full: dict[str, Any]) -> dict[str, Any]:
+        body = self.inventory_digests.report(full)
         answer = self.cp.call("PUT", "/agent/inventory", body)
         self.stats["inventories"] += 1
+        self.inventory_digests.acknowledge(body, answer)
         return answer if isinstance(answer, dict) else {}
 
     def _inventory_loop(self) -> None:
@@ -772,7 +792,7 @@ class AgentRuntime:
             self._inventory_now.clear()
             try:
                 res = self.sync_inventory()
-                changed = {k: v for k, v in res.items() if v and k != "hosts_updated" and k != "vms_updated"}
+                changed = {k: v for k, v in res.items() if v and isinstance(v, list) and k not in QUIET_SYNC_KEYS}
                 if changed:
                     log.info("inventory synced: %s", ", ".join(f"{k} {', '.join(map(str, v))}"
                                                                 for k, v in changed.items()))
