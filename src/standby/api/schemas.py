@@ -188,12 +188,21 @@ class BreakGlassOut(BaseModel):
     already: bool
 
 
+# The agent's digest of an inventory entry (`agent/inventory.py` `digest`), opaque here.
+Digest = Annotated[str, StringConstraints(min_length=8, max_length=64, pattern=r"^[0-9a-f]+$")]
+
+
 class VmIn(AgentRequest):
     name: InventoryName
     uuid: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
     power_state: Annotated[str, StringConstraints(max_length=32)] | None = None
     disks: dict[str, Any] = Field(default_factory=dict)
     nics: list[Any] = Field(default_factory=list)
+    digest: Digest | None = None
+
+
+# A host's own fields: a host entry with a digest and none of these is unchanged (`brief`).
+HOST_OWN_FIELDS = frozenset({"platform", "host_group", "replication_address", "storage_free_bytes", "facts"})
 
 
 class HostIn(AgentRequest):
@@ -204,6 +213,18 @@ class HostIn(AgentRequest):
     storage_free_bytes: ByteCount | None = None
     facts: dict[str, Any] = Field(default_factory=dict)
     vms: list[VmIn] = Field(default_factory=list, max_length=10000)
+    digest: Digest | None = Field(default=None, description="the digest of the host's own fields")
+    vm_digests: dict[InventoryName, Digest] = Field(
+        default_factory=dict, max_length=10000, description="VMs unchanged since sent in full: name -> digest")
+
+    @property
+    def brief(self) -> bool:
+        """Its own fields left out: the same as when the agent last sent them with `digest`."""
+        return self.digest is not None and not (self.model_fields_set & HOST_OWN_FIELDS)
+
+    @property
+    def uses_digests(self) -> bool:
+        return self.digest is not None or bool(self.vm_digests) or any(v.digest is not None for v in self.vms)
 
 
 class InventoryIn(AgentRequest):
@@ -219,6 +240,11 @@ class SyncOut(Out):
     vms_removed: list[str]
     vms_missing: list[str]
     vms_replaced: list[str]
+    # Answered only to a report with digests (an older agent gets the fields above only):
+    digests_known: bool | None = Field(default=None, description="the digests sent in full were stored")
+    vms_unchanged: int | None = Field(default=None, description="VMs listed by a digest that matched")
+    resend: list[str] | None = Field(default=None, description='"host/vm" to send in full')
+    hosts_resend: list[str] | None = Field(default=None, description="hosts whose own fields to send in full")
 
 
 class ClaimIn(AgentRequest):

@@ -105,6 +105,7 @@ def _vm_report(raw: Mapping[str, Any]) -> VmReport:
         power_state=raw.get("power_state"),
         disks=dict(raw.get("disks") or {}),
         nics=list(raw.get("nics") or []),
+        digest=raw.get("digest"),
     )
 
 
@@ -118,6 +119,9 @@ def _host_report(raw: Mapping[str, Any]) -> HostReport:
             storage_free_bytes=raw.get("storage_free_bytes"),
             facts=dict(raw.get("facts") or {}),
             vms=[_vm_report(v) for v in raw.get("vms") or []],
+            digest=raw.get("digest"),
+            brief=bool(raw.get("brief")),
+            vm_digests=dict(raw.get("vm_digests") or {}),
         )
     except KeyError as e:
         raise BadInput(f"inventory entry without {e.args[0]!r}") from None

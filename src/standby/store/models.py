@@ -122,6 +122,9 @@ class Host(Base):
     storage_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
     # Everything else discovery reports (versions, CPU, roles ...), as the fabric model's JSON.
     facts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The agent's digest of the host's entry (without its VMs) as last sent in full; None
+    # when sent without one (an older agent): a digest-only report is then answered "resend".
+    inventory_digest: Mapped[str | None] = mapped_column(String(64))
     synced_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -142,6 +145,7 @@ class Vm(Base):
     power_state: Mapped[str | None] = mapped_column(String(32))
     disks: Mapped[dict[str, Any]] = mapped_column(default=dict)
     nics: Mapped[list[Any]] = mapped_column(default=list)
+    inventory_digest: Mapped[str | None] = mapped_column(String(64))  # as Host.inventory_digest
     missing_since: Mapped[datetime | None]
     synced_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

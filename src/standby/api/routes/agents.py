@@ -173,14 +173,24 @@ def fenced(body: schemas.FencedIn, ident: AgentIdentity = Depends(require_agent)
     return schemas.Empty()
 
 
-@agent_router.put("/inventory", response_model=schemas.SyncOut)
+@agent_router.put("/inventory", response_model=schemas.SyncOut, response_model_exclude_none=True)
 def put_inventory(
     body: schemas.InventoryIn, ident: AgentIdentity = Depends(require_agent), store: Store = Depends(deps.store)
 ) -> schemas.SyncOut:
-    """What the agent's discovery sees, synced into the agent's cloud."""
+    """What the agent's discovery sees, synced into the agent's cloud. VMs and hosts may
+    come as digests of what the agent sent before (docs/control-plane.md, REST API): the
+    answer then says which to send in full; an older agent's full report (no digests) gets
+    the answer it knows."""
     with store.transaction() as s:
-        result = agents_svc.sync_inventory(s, _agent_row(s, ident), [h.model_dump() for h in body.hosts])
-        return schemas.SyncOut.model_validate(asdict(result))
+        result = agents_svc.sync_inventory(s, _agent_row(s, ident),
+                                           [{**h.model_dump(), "brief": h.brief} for h in body.hosts])
+    out = asdict(result)
+    if any(h.uses_digests for h in body.hosts):
+        out["digests_known"] = True
+    else:
+        for key in ("vms_unchanged", "resend", "hosts_resend"):
+            del out[key]
+    return schemas.SyncOut.model_validate(out)
 
 
 @agent_router.post("/tasks/claim", response_model=schemas.ClaimOut)

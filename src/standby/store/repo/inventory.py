@@ -1,9 +1,18 @@
 """Inventory: sites, servers, clouds, hosts, VMs and networks, synchronized from the
-agents' discovery one cloud at a time (`sync_cloud`)."""
+agents' discovery one cloud at a time (`sync_cloud`) or one agent's hosts (`sync_hosts`).
+
+Digests: an agent sends, with each host's and VM's full entry, a digest of it (its own
+hash, opaque here), which is stored beside the row (`inventory_digest`); a later report
+lists an unchanged VM by name and digest only (`HostReport.vm_digests`) and leaves out an
+unchanged host's own fields (`HostReport.brief`). A digest that does not match the row's
+(a control plane restored from a backup, or another one after a site loss) is answered in
+`SyncResult.resend` / `hosts_resend`: the agent sends those entries in full. An entry sent
+in full without a digest (an older agent) stores none: the row is then never taken as
+unchanged, and such agents send everything every time anyway."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -187,11 +196,14 @@ class VmReport:
     power_state: str | None = None
     disks: dict[str, Any] = field(default_factory=dict)
     nics: list[Any] = field(default_factory=list)
+    digest: str | None = None  # the agent's digest of this entry, stored with it
 
 
 @dataclass(frozen=True)
 class HostReport:
-    """One host as an agent's discovery reports it."""
+    """One host as an agent's discovery reports it: its own fields (unless `brief`: the
+    same as when the agent sent `digest`), the VMs that changed in full (`vms`) and the
+    others by name and digest (`vm_digests`)."""
 
     name: str
     platform: str = "kvm"
@@ -200,6 +212,9 @@ class HostReport:
     storage_free_bytes: int | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     vms: Sequence[VmReport] = ()
+    digest: str | None = None
+    brief: bool = False  # the host's own fields left out: unchanged since `digest`
+    vm_digests: Mapping[str, str] = field(default_factory=dict)  # VM name -> digest: unchanged
 
 
 @dataclass
@@ -212,6 +227,9 @@ class SyncResult:
     vms_removed: list[str] = field(default_factory=list)
     vms_missing: list[str] = field(default_factory=list)  # gone but protected: kept, marked missing
     vms_replaced: list[str] = field(default_factory=list)  # same host and name, another UUID
+    vms_unchanged: int = 0  # listed by a digest that matched: present, rows not rewritten
+    resend: list[str] = field(default_factory=list)  # "host/vm" listed by a digest that did not match
+    hosts_resend: list[str] = field(default_factory=list)  # brief hosts whose digest did not match
 
 
 def _names_unique(what: str, names: Iterable[str]) -> None:
@@ -255,17 +273,21 @@ def sync_hosts(session: Session, cloud: str, hosts: Sequence[HostReport], *, dro
         else:
             res.hosts_updated.append(report.name)
         host.server_id = cloud_row.server_id
-        host.platform = _platform(report.platform)
-        host.host_group = report.host_group
-        host.replication_address = report.replication_address
-        host.storage_free_bytes = report.storage_free_bytes
-        host.facts = dict(report.facts)
+        if not report.brief:
+            host.platform = _platform(report.platform)
+            host.host_group = report.host_group
+            host.replication_address = report.replication_address
+            host.storage_free_bytes = report.storage_free_bytes
+            host.facts = dict(report.facts)
+            host.inventory_digest = report.digest
+        elif host.inventory_digest is None or host.inventory_digest != report.digest:
+            res.hosts_resend.append(report.name)  # its fields as they are until the agent sends them
         host.synced_at = now
         session.flush()
         if host.id not in member_ids:
             session.execute(cloud_hosts.insert().values(cloud_id=cloud_row.id, host_id=host.id))
             member_ids.add(host.id)
-        _sync_vms(session, host, report.vms, now, res)
+        _sync_vms(session, host, report.vms, report.vm_digests, now, res)
 
     for host_id in sorted(set(drop_host_ids) & member_ids):
         session.execute(
@@ -278,11 +300,14 @@ def sync_hosts(session: Session, cloud: str, hosts: Sequence[HostReport], *, dro
     return res
 
 
-def _sync_vms(session: Session, host: Host, reports: Sequence[VmReport], now: datetime, res: SyncResult) -> None:
+def _sync_vms(session: Session, host: Host, reports: Sequence[VmReport], digests: Mapping[str, str], now: datetime,
+              res: SyncResult) -> None:
     """The host's VMs: one query for those it has, one for those the report's UUIDs name,
     one for which of them are protected; rows written only where something changed, and
-    `synced_at` of the ones seen in one statement."""
-    _names_unique(f"on host {host.name} VM", (v.name for v in reports))
+    `synced_at` of the ones seen in one statement. A VM listed in `digests` (name ->
+    digest) whose row here has that digest is present and unchanged; one whose row does
+    not is listed in `res.resend` (and its row, if any, kept as it is until it comes)."""
+    _names_unique(f"on host {host.name} VM", [*(v.name for v in reports), *digests])
     existing = {vm.name: vm for vm in session.scalars(select(Vm).where(Vm.host_id == host.id))}
     uuids = [r.uuid for r in reports if r.uuid is not None]
     by_uuid = {vm.uuid: vm for vm in session.scalars(select(Vm).where(Vm.uuid.in_(uuids)))} if uuids else {}
@@ -317,14 +342,27 @@ def _sync_vms(session: Session, host: Host, reports: Sequence[VmReport], now: da
             res.vms_updated.append(key)
         # assigned only when different: an unchanged VM costs no UPDATE of its own
         for attr, value in (("name", report.name), ("uuid", report.uuid), ("power_state", report.power_state),
-                            ("disks", dict(report.disks)), ("nics", list(report.nics)), ("missing_since", None)):
+                            ("disks", dict(report.disks)), ("nics", list(report.nics)), ("missing_since", None),
+                            ("inventory_digest", report.digest)):
             if getattr(vm, attr) != value:
                 setattr(vm, attr, value)
         seen.append(vm)
+    kept: set[int] = set()  # listed by a digest this store does not know: not gone, not synced
+    for name, digest in digests.items():
+        vm = existing.get(name)
+        if vm is not None and vm.inventory_digest is not None and vm.inventory_digest == digest:
+            if vm.missing_since is not None:
+                vm.missing_since = None
+            seen.append(vm)
+            res.vms_unchanged += 1
+        else:
+            res.resend.append(f"{host.name}/{name}")
+            if vm is not None:
+                kept.add(vm.id)
     session.flush()
     seen_ids = {vm.id for vm in seen}
     for vm in existing.values():
-        if vm.id in seen_ids or vm.host_id != host.id:
+        if vm.id in seen_ids or vm.id in kept or vm.host_id != host.id:
             continue
         key = f"{host.name}/{vm.name}"
         if vm.id in protected:
