@@ -10,7 +10,8 @@ Threads:
   plane answers with) with the version, the replica store's free and total bytes, and
   facts (host, listen address, running tasks, receiver counters);
 - `inventory`: PUT /agent/inventory at start, every `inventory_seconds` and after a task
-  that found a VM gone: the libvirt host as discovered, narrowed to the owned domains;
+  that found a VM gone: the libvirt host as discovered, narrowed to the owned domains,
+  entries the control plane acknowledged as digests only (`inventory.Digests`);
 - `tasks`: POST /agent/tasks/claim about every second while a worker is free, hands the
   tasks to `workers` worker threads (2), which run them (`tasks.execute`), POST progress
   at most every `progress_seconds` and POST the result.
