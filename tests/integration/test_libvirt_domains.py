@@ -315,3 +315,23 @@ def test_discover_this_host_writes_a_loadable_fabric(libvirtd: str, source: dict
     rules = {f.rule for f in report.findings}
     assert "kvm.single-server-two-clouds" in rules and not report.ready  # one host: expected, but it loads
     assert run(["check", str(out), "--profile", "kvm"]) == 1
+
+
+def test_only_the_domains_asked_for_are_inspected(libvirt_conn: Any, source: dict[str, Any]) -> None:
+    """An agent sharing a libvirtd with others (its --domains filter) reads and warns about
+    its own VMs only: the others are skipped by name, before their XML is read."""
+    from standby.drivers.libvirt.discovery import host_facts
+
+    mine = source["name"]
+    asked: list[str] = []
+
+    def only(name: str) -> bool:
+        asked.append(name)
+        return name == mine
+
+    assert set(host_facts(libvirt_conn, only=only).vms) == {mine}
+    assert mine in asked
+    assert [v.name for v in list_vms(libvirt_conn, only=only)] == [mine]
+    assert host_facts(libvirt_conn, only=lambda _n: False).vms == {}
+    assert list_vms(libvirt_conn, only=lambda _n: False) == []
+    assert mine in host_facts(libvirt_conn).vms  # no filter: every domain, as `standby discover` wants

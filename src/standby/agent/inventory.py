@@ -101,8 +101,8 @@ def host_entry(cfg: AgentConfig, host: Host, vms: list[VmInfo], free: int,
 
 def collect(cfg: AgentConfig, driver: Any, clock_skew_seconds: float | None = None) -> dict[str, Any]:
     """The body of PUT /agent/inventory, from the driver (libvirt I/O)."""
-    host = driver.host_facts()
-    vms = driver.list_vms()
+    host = driver.host_facts(only=cfg.owns)
+    vms = driver.list_vms(only=cfg.owns)
     free, _total = storage(cfg.replicas_dir)
     return {"hosts": [host_entry(cfg, host, vms, free, clock_skew_seconds)]}
 

@@ -7,7 +7,7 @@ Errors cross this boundary as `standby.errors` types only.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -95,11 +95,12 @@ class VmSpec:
 class HypervisorDriver(Protocol):
     uri: str
 
-    def host_facts(self) -> Host:
-        """This host as a fabric Host (versions, CPU, free storage, VMs)."""
+    def host_facts(self, only: Callable[[str], bool] | None = None) -> Host:
+        """This host as a fabric Host (versions, CPU, free storage, VMs); `only`: the VMs
+        (by name) worth inspecting, the others are skipped unread."""
         ...
 
-    def list_vms(self) -> list[VmInfo]: ...
+    def list_vms(self, only: Callable[[str], bool] | None = None) -> list[VmInfo]: ...
 
     def vm(self, name: str) -> VmInfo: ...
 

@@ -478,10 +478,11 @@ class _NetCache:
         return self.nets[name]
 
 
-def host_facts(conn: Any, warnings: list[str] | None = None) -> Host:
+def host_facts(conn: Any, warnings: list[str] | None = None, *, only: Callable[[str], bool] | None = None) -> Host:
     """This connection's host as a fabric Host. Problems that do not stop discovery (a
     disk whose size cannot be read, a format that cannot be protected) are appended to
-    `warnings` (and logged)."""
+    `warnings` (and logged). `only`: the domains (by name) to inspect; an agent sharing a
+    libvirtd with others reads and warns about its own VMs only."""
     from standby.drivers.libvirt.connection import call
 
     warns: list[str] = [] if warnings is None else warnings
@@ -498,6 +499,8 @@ def host_facts(conn: Any, warnings: list[str] | None = None) -> Host:
     vms: dict[str, Vm] = {}
     disk_paths: list[str] = []
     for dom in sorted(call("list domains", conn.listAllDomains, 0), key=lambda d: d.name()):
+        if only is not None and not only(dom.name()):
+            continue
         try:
             facts = parse_domain_xml(dom.XMLDesc(0))
         except libvirt.libvirtError:

@@ -29,6 +29,7 @@ import subprocess
 import time
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,9 +381,11 @@ def _info(conn: Any, dom: Any) -> VmInfo:
                   nics=nics, has_guest_agent=facts.has_guest_agent)
 
 
-def list_vms(conn: Any) -> list[VmInfo]:
+def list_vms(conn: Any, only: Callable[[str], bool] | None = None) -> list[VmInfo]:
     out = []
     for dom in call("list VMs", conn.listAllDomains, 0):
+        if only is not None and not only(dom.name()):
+            continue
         try:
             out.append(_info(conn, dom))
         except NotFound:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -107,15 +107,15 @@ class LibvirtDriver:
 
     # ------------------------------------------------------------------ delegated
 
-    def host_facts(self) -> Host:
+    def host_facts(self, only: Callable[[str], bool] | None = None) -> Host:
         from standby.drivers.libvirt.discovery import host_facts
 
-        return host_facts(self.conn)
+        return host_facts(self.conn, only=only)
 
-    def list_vms(self) -> list[VmInfo]:
+    def list_vms(self, only: Callable[[str], bool] | None = None) -> list[VmInfo]:
         from standby.drivers.libvirt.domains import list_vms
 
-        return list_vms(self.conn)
+        return list_vms(self.conn, only=only)
 
     def vm(self, name: str) -> VmInfo:
         from standby.drivers.libvirt.domains import vm_info
