@@ -1,33 +1,41 @@
 #!/usr/bin/env python
-"""Benchmark of the control plane at scale (issue 5): 5,000 simulated protected items on
-SQLite and on PostgreSQL, API latency under load and the scheduler's CPU per 100 items.
+"""Benchmark of the control plane at scale (issues 5 and 11): 5,000 simulated protected
+items on SQLite and on PostgreSQL, API latency under load, cycles applied and the control
+plane's CPU per 100 items.
 
-    .venv/bin/python bench/control_plane.py [--json] [--items N] [--backend sqlite|postgresql|both] [--quick]
+    .venv/bin/python bench/control_plane.py [--json] [--items N] [--backend sqlite|postgresql|both]
+        [--workers N] [--contract desired|tasks] [--reps N] [--quick]
 
 What is real and what is simulated. The control plane is the real one: a data dir made by
 `standby.api.server.init_data_dir`, and `serve()` (the HTTPS API under uvicorn, client
-certificates, the store, the services) in its own process, on a SQLite store in a
-temporary data dir and on a throwaway PostgreSQL cluster (`standby.testing.postgres`).
-The scheduler is the real `Scheduler(store, settings).tick()`, run by this process every
-`tick_seconds` (1 s) so that its CPU can be measured per tick (`time.thread_time` of the
-ticking thread); the server's own scheduler is given a period longer than the run. The
-agents are simulated: `ScriptedAgentDouble` is a scripted test double of `standby agent
-run` (5,000 real VMs cannot run on 2 cores). It registers over the real API (registration
-key, CSR, the certificate it is issued), reports an inventory (PUT /agent/inventory, again
-every 60 s as the real agent does), heartbeats, claims tasks with its client certificate
-about every second (4 at a time, again at once while full batches come back) and answers
-each at once with a well-formed result of the real agent's shape (a cycle:
-`VmCycleResult.as_dict()` plus points, point_at and bytes_sent), so the scheduler
-dispatches real tasks and the API applies real results. Doubles run on threads of a
-separate load process, with the operator clients, so that they do not share a GIL with
-the ticks.
+certificates, the store, the services; `--workers N` processes on PostgreSQL) in a process
+of its own, on a SQLite store in a temporary data dir and on a throwaway PostgreSQL cluster
+(`standby.testing.postgres`). The agents are simulated: `ScriptedAgentDouble` is a scripted
+test double of `standby agent run` (5,000 real VMs cannot run on 2 cores). It registers over
+the real API (registration key, CSR, the certificate it is issued), reports an inventory
+(PUT /agent/inventory, again every `--inventory-seconds` if asked) and heartbeats. Under
+`--contract desired` (the default, the real agent's way since issue 11) it long-polls GET
+/agent/desired, "runs" each VM's cycle when the desired state's copy frequency (30 s by
+default) says so, and posts the cycles' reports (`contract.CycleReport`, of the real
+agent's shape) in batches every 2 s or at 50 (POST /agent/reports); the bench reads the
+server process's CPU over a steady phase of agents alone (`--steady`). Under `--contract
+tasks` (agents that do not own their cycles): the scheduler is the real
+`Scheduler(store, settings).tick()`, run by this process every `tick_seconds` (1 s) so that
+its CPU can be measured per tick (`time.thread_time` of the ticking thread; the server's
+own scheduler is given a period longer than the run), and the double claims tasks with
+its client certificate about every second (4 at a time, again at once while full batches
+come back) and answers each at once with a well-formed result of the real agent's shape (a
+cycle: `VmCycleResult.as_dict()` plus points, point_at and bytes_sent). Doubles run on
+threads of a separate load process, with the operator clients, so that they do not share
+a GIL with the server.
 
 Population: `--items` (default 5,000) VMs, `--vms-per-host` (100) on each primary host
 (50 hosts), as many secondary hosts, one double per host, `--hosts-per-cloud` (5) hosts
-per cloud (10 primary clouds, each paired with a secondary cloud: an agent's PUT
-/agent/inventory re-syncs its whole cloud, so one cloud of 5,000 VMs would take most of
-the run to report); a policy (POST /policies: copy frequency `--copy-frequency`, default
-300 s, the policy default; latest point only) and the pairings (POST /pairings). The
+per cloud (10 primary clouds, each paired with a secondary cloud: before issue 11 an
+agent's PUT /agent/inventory re-synced its whole cloud, so one cloud of 5,000 VMs would
+have taken most of the run to report); a policy (POST /policies: copy frequency
+`--copy-frequency`, default 30 s under --contract desired, 300 s under tasks; latest point
+only) and the pairings (POST /pairings). The
 doubles report their inventory once (`--inventory-seconds 60` makes them re-send it as
 the real agent does; inventory_round_s is what one such round costs). Protected items are created in bulk through `store.repo.items.create`
 (protected, with a recovery point, first cycles spread over one copy period): POST /items
