@@ -68,7 +68,12 @@ def parse_params(model: type[M], params: Mapping[str, Any]) -> M:
 def build_params(model: type[BaseModel], **fields: Any) -> dict[str, Any]:
     """A task's parameters as sent: the fields given (nulls left out, no defaults added), in
     JSON, checked as the agent checks them."""
-    return parse_params(model, fields).model_dump(mode="json", exclude_unset=True, exclude_none=True)
+    return params_of(parse_params(model, fields))
+
+
+def params_of(params: BaseModel) -> dict[str, Any]:
+    """Parameters already checked, as sent (`build_params`' shape)."""
+    return params.model_dump(mode="json", exclude_unset=True, exclude_none=True)
 
 
 # ---------------------------------------------------------------------------- the rules of task parameters

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import event, inspect, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from standby.contract import CycleParams, DesiredReplica, DesiredState, DesiredVm
+from standby.contract import DesiredReplica, DesiredState, DesiredVm
 from standby.domain.lifecycle import Site
 from standby.orchestration import scheduler as sched
 from standby.orchestration.settings import ServerSettings
@@ -87,10 +87,10 @@ def desired_state(session: Session, settings: ServerSettings, agent: Agent, now:
             plan = sched.cycle_plan(item, agents_by_host, now, mappings)
             if isinstance(plan, tuple):
                 _source, params = plan
-                params = {**params, "consistency": "auto"}  # the agent times app-consistent points itself
                 start = (item.next_cycle_at.timestamp() if item.last_recovery_point_id is None
                          and item.next_cycle_at is not None and item.next_cycle_at > now else None)
-                vms.append(DesiredVm(item_id=item.id, state=state.value, cycle=CycleParams.model_validate(params),
+                cycle = params.model_copy(update={"consistency": "auto"})  # the agent times app-consistent points
+                vms.append(DesiredVm(item_id=item.id, state=state.value, cycle=cycle,
                                      copy_frequency_seconds=policy.copy_frequency_seconds,
                                      app_consistent_interval_hours=policy.app_consistent_interval_hours,
                                      run_now=int((item.details or {}).get("run_now") or 0), start_at=start))

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, aliased, selectinload
 
 from standby.domain import health as health_rules
 from standby.domain import lifecycle
-from standby.contract import CycleParams, CycleReport, build_params, prune_params
+from standby.contract import CycleParams, CycleReport, params_of, parse_params, prune_params
 from standby.domain.cycles import consistency_for, next_cycle_after, retry_at
 from standby.domain.lifecycle import Event, ItemContext, Site, State
 from standby.errors import BadInput, NotFound
@@ -102,7 +102,7 @@ def agents_by_host(s: Session, settings: ServerSettings, now: datetime) -> dict[
 
 
 def cycle_plan(item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], now: datetime,
-               mappings: Mapping[str, str], *, problems: bool = False) -> tuple[_AgentView, dict[str, Any]] | str | None:
+               mappings: Mapping[str, str], *, problems: bool = False) -> tuple[_AgentView, CycleParams] | str | None:
     """Who runs the item's next cycle and with what (the `cycle` task's parameters, and a
     desired VM's): (source agent, params); None when the item does not replicate now; the
     reason (a string) when it should but cannot, with `problems`."""
@@ -143,13 +143,16 @@ def cycle_plan(item: ProtectedItem, agents_by_host: Mapping[str, _AgentView], no
         vm = str(details.get("replica_vm") or item.vm.name)
         if isinstance(details.get("replica_disk_ids"), dict):
             disk_ids = dict(details["replica_disk_ids"])
+    fields: dict[str, Any] = dict(
+        item_id=item.id, vm=vm, peer={"name": target.name, "address": target.address},
+        consistency=consistency_for(policy.app_consistent_interval_hours,
+                                    parse_time(details.get("last_app_consistent_at")), now),
+        compress=bool(policy.compression), force_hash_scan=force, timeout_seconds=SENDER_TIMEOUT_SECONDS,
+        recovery=recovery_params(item, mappings, reverse=sites[0] is Site.SECONDARY))
+    if disk_ids is not None:
+        fields["disk_ids"] = disk_ids
     try:
-        return source, build_params(
-            CycleParams, item_id=item.id, vm=vm, peer={"name": target.name, "address": target.address},
-            consistency=consistency_for(policy.app_consistent_interval_hours,
-                                        parse_time(details.get("last_app_consistent_at")), now),
-            compress=bool(policy.compression), force_hash_scan=force, timeout_seconds=SENDER_TIMEOUT_SECONDS,
-            recovery=recovery_params(item, mappings, reverse=sites[0] is Site.SECONDARY), disk_ids=disk_ids)
+        return source, parse_params(CycleParams, fields)
     except BadInput as exc:  # what no agent would accept: this item's problem, not the whole tick's
         return exc.message if problems else None
 
@@ -453,7 +456,7 @@ class Scheduler:
             _released(item, now)  # its agent times its cycles (desired state); no task
             return None
         item.next_cycle_at = None
-        return tasks.NewTask(agent_id=source.id, kind=CYCLE, params=params, item_id=item.id)
+        return tasks.NewTask(agent_id=source.id, kind=CYCLE, params=params_of(params), item_id=item.id)
 
     # ------------------------------------------------------------ 4. health and alerts
 

@@ -280,7 +280,7 @@ def sync_hosts(session: Session, cloud: str, hosts: Sequence[HostReport], *, dro
             host.storage_free_bytes = report.storage_free_bytes
             host.facts = dict(report.facts)
             host.inventory_digest = report.digest
-        elif host.inventory_digest is None or host.inventory_digest != report.digest:
+        elif host.inventory_digest != report.digest:  # a brief host always has a digest
             res.hosts_resend.append(report.name)  # its fields as they are until the agent sends them
         host.synced_at = now
         session.flush()
@@ -350,7 +350,7 @@ def _sync_vms(session: Session, host: Host, reports: Sequence[VmReport], digests
     kept: set[int] = set()  # listed by a digest this store does not know: not gone, not synced
     for name, digest in digests.items():
         vm = existing.get(name)
-        if vm is not None and vm.inventory_digest is not None and vm.inventory_digest == digest:
+        if vm is not None and vm.inventory_digest == digest:  # digests are never empty
             if vm.missing_since is not None:
                 vm.missing_since = None
             seen.append(vm)
