@@ -45,6 +45,11 @@ def disk_id_for(vm: str, target: str) -> str:
     return raw[:128]
 
 
+# What the store can hold: items' ids are 32-bit keys, times datetimes (years 1970 to 9999).
+ItemId = Annotated[int, Field(ge=1, le=2**31 - 1)]
+UnixTime = Annotated[float, Field(ge=0, le=253402300799)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -141,7 +146,7 @@ class Recovery(_Model):
 class CycleParams(_Model):
     """One VM's replication cycle: the `cycle` task's parameters, and the desired state's."""
 
-    item_id: int | None = None
+    item_id: ItemId | None = None
     vm: str = Field(min_length=1, max_length=200)
     peer: Peer
     consistency: Literal["crash", "app", "auto"] = "auto"
@@ -164,19 +169,19 @@ class CycleParams(_Model):
 class DesiredVm(_Model):
     """A VM the agent replicates on its own timers."""
 
-    item_id: int
+    item_id: ItemId
     state: str  # the item's lifecycle state (initial replication, protected, resynchronizing ...)
     cycle: CycleParams
     copy_frequency_seconds: int = Field(ge=0)  # 0: continuous (a cycle as soon as the last ended)
     app_consistent_interval_hours: int = Field(default=0, ge=0)
     run_now: int = 0  # bumped by "replicate now": a cycle at once when it changes
-    start_at: float | None = None  # a scheduled initial replication: not before this (Unix time)
+    start_at: UnixTime | None = None  # a scheduled initial replication: not before this (Unix time)
 
 
 class DesiredReplica(_Model):
     """Replica disks the agent holds as a secondary: it prunes them by this retention."""
 
-    item_id: int
+    item_id: ItemId
     disk_ids: list[str]
     retention_hours: int = Field(ge=0)
     app_consistent_interval_hours: int = Field(default=0, ge=0)
@@ -201,11 +206,11 @@ class CycleReport(_Model):
     """One cycle an agent ran on its own timer, as the control plane applies it."""
 
     cycle_id: str = Field(min_length=1, max_length=128)  # unique per cycle: a report sent twice is applied once
-    item_id: int
+    item_id: ItemId
     vm: str = Field(min_length=1, max_length=200)
     ok: bool
-    started_at: float
-    finished_at: float
+    started_at: UnixTime
+    finished_at: UnixTime
     scanned: bool = False  # every block compared (a resync's hash scan)
     consistency: Literal["crash", "app"] | None = None
     result: dict[str, Any] = Field(default_factory=dict)  # the cycle task's result shape (points, point_at ...)
@@ -215,8 +220,8 @@ class CycleReport(_Model):
 
 class ReportBatch(_Model):
     desired_version: str | None = None  # the desired state the agent runs under
-    active: list[int] = Field(default_factory=list)  # items it replicates now
-    running: list[int] = Field(default_factory=list)  # items with a cycle in flight now
+    active: list[ItemId] = Field(default_factory=list)  # items it replicates now
+    running: list[ItemId] = Field(default_factory=list)  # items with a cycle in flight now
     cycles: list[CycleReport] = Field(default_factory=list, max_length=MAX_REPORTS_PER_BATCH)
 
 

@@ -97,6 +97,13 @@ def test_desired_state_and_reports(cp: ControlPlane, tmp_path: Path) -> None:
     (rep,) = desired(agent_b)["replicas"]
     assert rep["item_id"] == item_id and rep["disk_ids"] == [DISK] and rep["retention_hours"] == 0
 
+    # what the store cannot hold is a 422 naming it, not a 500 (schemathesis found the id)
+    for field, value in (("item_id", 616974076342734815232), ("started_at", 1.7976931348623157e308)):
+        r = agent_a.post("/agent/reports", json={"cycles": [{**_report(item_id), field: value}]})
+        assert r.status_code == 422 and field in r.text, r.text
+    r = agent_a.post("/agent/reports", json={"running": [2**70]})
+    assert r.status_code == 422 and "running" in r.text, r.text
+
     # a cycle that found the replica diverged: a resync, which the desired state asks for
     bad = _report(item_id, ok=False, error="disk digest mismatch", error_type="IntegrityError")
     assert agent_a.post("/agent/reports", json={"cycles": [bad]}).json()["applied"] == 1
