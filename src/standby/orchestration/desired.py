@@ -13,7 +13,8 @@ schedule of their pairings (the first one set; one schedule per agent).
 Changes: `ChangeNotifier` counts commits that touched what desired states are made of
 (an item's state, policy, hosts or replication flags; policies, pairings, network
 mappings, agents' addresses, VMs' hosts), from SQLAlchemy's flush events on the store's
-sessions, and wakes the long-polls. A report applying a cycle's point does not count:
+sessions, and wakes the long-polls; each agent's last answer is remembered until the next such commit
+(`ChangeNotifier.remembered`). A report applying a cycle's point does not count:
 it changes nothing an agent is told. With several API workers on PostgreSQL, a commit in
 one is announced to the others with NOTIFY (`standby_desired`); each worker LISTENs.
 """
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, inspect, or_, select
+from sqlalchemy import event, inspect, select, union
 from sqlalchemy.orm import Session, selectinload
 
 from standby.contract import DesiredReplica, DesiredState, DesiredVm
@@ -59,12 +62,13 @@ def desired_state(session: Session, settings: ServerSettings, agent: Agent, now:
     host = agent.host_name
     agents_by_host = sched.agents_by_host(session, settings, now)
     mappings = inventory_repo.network_mappings(session)
-    primary_host, secondary_host = Host.__table__.alias("ph"), Host.__table__.alias("sh")
+    # The agent's items by index (VMs on its hosts, replicas held there): a join filtered by
+    # host name on either side would read every item of the store for each answer.
+    host_ids = select(Host.id).where(Host.name == host).scalar_subquery()
+    mine = union(select(ProtectedItem.id).join(Vm, Vm.id == ProtectedItem.vm_id).where(Vm.host_id.in_(host_ids)),
+                 select(ProtectedItem.id).where(ProtectedItem.secondary_host_id.in_(host_ids)))
     q = (select(ProtectedItem)
-         .join(Vm, Vm.id == ProtectedItem.vm_id)
-         .join(primary_host, primary_host.c.id == Vm.host_id)
-         .outerjoin(secondary_host, secondary_host.c.id == ProtectedItem.secondary_host_id)
-         .where(or_(primary_host.c.name == host, secondary_host.c.name == host))
+         .where(ProtectedItem.id.in_(select(mine.subquery().c.id)))
          .order_by(ProtectedItem.id)
          .options(selectinload(ProtectedItem.vm).selectinload(Vm.host), selectinload(ProtectedItem.policy),
                   selectinload(ProtectedItem.secondary_host), selectinload(ProtectedItem.pairing)))
@@ -139,6 +143,7 @@ class ChangeNotifier:
         self._cond = threading.Condition()
         self.generation = 0
         self._pg_notify: Any = None  # set by listen_postgres: NOTIFY to the other workers
+        self._remembered: dict[int, tuple[int, float, DesiredState]] = {}  # agent id -> (generation, when, state)
 
     @property
     def current(self) -> int:
@@ -153,6 +158,23 @@ class ChangeNotifier:
                 self._pg_notify()
             except Exception:  # noqa: BLE001 - the other workers catch up at their next poll
                 log.warning("NOTIFY %s failed", NOTIFY_CHANNEL, exc_info=True)
+
+    def remembered(self, agent_id: int, generation: int, max_age: float, compute: Callable[[], DesiredState]
+                   ) -> DesiredState:
+        """The agent's desired state as computed at `generation` (read before computing:
+        a commit during the computation moves it on) if not older than `max_age` seconds,
+        else `compute()`, remembered. Long-polls that wake or time out with nothing changed
+        answer from here instead of reading the agent's items again; `max_age` bounds how
+        long what no commit here announces (another process's writes, the clock) goes unseen."""
+        now = time.monotonic()
+        with self._cond:
+            hit = self._remembered.get(agent_id)
+        if hit is not None and hit[0] == generation and now - hit[1] <= max_age:
+            return hit[2]
+        state = compute()
+        with self._cond:
+            self._remembered[agent_id] = (generation, now, state)
+        return state
 
     def wait(self, since: int, timeout: float) -> int:
         """Wait until the generation moves past `since` (or `timeout`); the generation."""

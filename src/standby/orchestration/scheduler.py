@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -569,15 +569,22 @@ class Scheduler:
             return  # the item was deleted while its cycle ran
         self._apply(session, item, CycleOutcome.of_task(task), now)
 
-    def apply_cycle_report(self, session: Session, report: CycleReport, now: datetime) -> bool:
-        """A cycle an agent ran on its own timer (its desired state), in the caller's
-        transaction: the same consequences as a cycle task's result, except that the next
-        cycle is the agent's to time and the prune its to run. False when it was applied
-        before (a batch sent again) or its item is gone."""
-        try:
-            item = items.get(session, report.item_id, lock=True)
-        except NotFound:
-            return False
+    def apply_cycle_reports(self, session: Session, reports: Iterable[CycleReport], now: datetime) -> tuple[int, int]:
+        """Cycles an agent ran on its own timers (its desired state), in the caller's
+        transaction, oldest first: the same consequences as a cycle task's result, except
+        that the next cycle is the agent's to time and the prune its to run. (applied,
+        ignored): a report applied before (a batch sent again) or whose item is gone is
+        ignored. The batch's items are locked and read in one query."""
+        batch = sorted(reports, key=lambda r: r.finished_at)
+        locked = items.lock_many(session, (r.item_id for r in batch))
+        applied = 0
+        for report in batch:
+            item = locked.get(report.item_id)
+            if item is not None and self._apply_report(session, item, report, now):
+                applied += 1
+        return applied, len(batch) - applied
+
+    def _apply_report(self, session: Session, item: ProtectedItem, report: CycleReport, now: datetime) -> bool:
         details = dict(item.details or {})
         seen = list(details.get("reported_cycles") or [])
         if report.cycle_id in seen:
@@ -619,9 +626,8 @@ class Scheduler:
             return
         point_at = parse_time(result.get("point_at")) or started
         bytes_sent = result.get("bytes_sent")
-        items.record_cycle(
-            s,
-            item.id,
+        items.note_cycle(
+            item,
             recovery_point_id=point_id,
             recovery_point_at=point_at,
             bytes_sent=bytes_sent if isinstance(bytes_sent, int) and bytes_sent >= 0 else 0,

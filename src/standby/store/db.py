@@ -21,6 +21,7 @@ writers queue on the lock instead of failing on a stale snapshot.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,11 +79,16 @@ class Store:
     engine: Engine
     _write: sessionmaker[Session] = field(init=False, repr=False)
     _read: sessionmaker[Session] = field(init=False, repr=False)
+    # SQLite has one writer at a time: this process's writers queue here, woken in turn,
+    # rather than in SQLite's busy handler, which sleeps and retries (up to 100 ms a try)
+    # and let a heartbeat starve for seconds behind a stream of report batches.
+    _write_lock: threading.RLock | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         write_engine = self.engine
         if self.dialect == "sqlite":
             write_engine = self.engine.execution_options(standby_sqlite_begin="IMMEDIATE")
+            self._write_lock = threading.RLock()
         self._write = sessionmaker(write_engine, expire_on_commit=False, info={"standby_store": True})
         self._read = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -104,6 +110,9 @@ class Store:
         """A write transaction. Commits when the block ends, rolls back on an exception;
         a broken uniqueness or reference rule becomes `Conflict`. Callbacks registered
         with `on_commit` run after the commit, in order."""
+        lock = self._write_lock
+        # past the busy timeout, SQLite's own locking decides (and reports "database is locked")
+        queued = lock is not None and lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_S)
         session = self._write()
         try:
             try:
@@ -119,6 +128,8 @@ class Store:
         finally:
             session.info.pop("standby_on_commit", None)
             session.close()
+            if queued:
+                lock.release()  # type: ignore[union-attr]
         for fn in callbacks:
             fn()
 

@@ -100,6 +100,7 @@ def heartbeat(
 
 
 DESIRED_WAIT_MAX = 30.0
+DESIRED_REMEMBERED_S = 120.0  # a remembered desired state is read again after this, changed or not
 DESIRED_POLL = 0.25  # how often a long-poll looks at the change counter (no database access)
 
 
@@ -118,12 +119,15 @@ async def desired(
     notifier = services.desired
     deadline = time.monotonic() + wait
 
-    def compute() -> DesiredState:
+    def compute(generation: int) -> DesiredState:
         with store.read() as s:
             agent = s.get(Agent, ident.id)
             if agent is None or agent.state != "active" or agent.cert_fingerprint != ident.fingerprint:
                 raise Unauthorized(f"agent {ident.name!r} is no longer registered with this certificate")
-            return desired_mod.desired_state(s, services.settings, agent, utcnow())
+            if have is None:  # an agent (re)starting reads it afresh
+                return desired_mod.desired_state(s, services.settings, agent, utcnow())
+            return notifier.remembered(agent.id, generation, DESIRED_REMEMBERED_S,
+                                       lambda: desired_mod.desired_state(s, services.settings, agent, utcnow()))
 
     server = getattr(request.app.state, "uvicorn", None)
 
@@ -132,7 +136,7 @@ async def desired(
 
     while True:
         seen = notifier.current
-        state = await run_in_threadpool(compute)
+        state = await run_in_threadpool(compute, seen)
         if state.version != have or time.monotonic() >= deadline or exiting():
             return state
         while notifier.current == seen and time.monotonic() < deadline and not exiting():
@@ -149,14 +153,9 @@ def reports(
     """The cycles the agent ran on its own timers, and what it replicates now: applied in
     one transaction (a report already applied is ignored)."""
     now = utcnow()
-    applied = ignored = 0
     with store.transaction() as s:
         agent = _agent_row(s, ident)
-        for report in sorted(body.cycles, key=lambda r: r.finished_at):
-            if services.scheduler.apply_cycle_report(s, report, now):
-                applied += 1
-            else:
-                ignored += 1
+        applied, ignored = services.scheduler.apply_cycle_reports(s, body.cycles, now)
         agents_svc.record_replication(s, agent, desired_version=body.desired_version, active=body.active,
                                       running=body.running, now=now)
     return ReportAck(applied=applied, ignored=ignored)
