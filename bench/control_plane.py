@@ -113,6 +113,9 @@ CLAIM_MAX = 4  # tasks asked for per claim (the contract's example)
 REPORT_SECONDS = 2.0  # agent/cycles.py: reports posted every 2 s ...
 REPORT_BATCH = 50  # ... or as soon as 50 wait
 DESIRED_WAIT = 25.0  # agent/cycles.py's long-poll
+# Operators' offered load: a busy operations room (consoles and dashboards refreshing, scripts
+# polling) is a few requests a second; 20/s leaves headroom. --operator-rate 0 saturates.
+OPERATOR_RATE = 20.0
 OPERATOR_MIX = [("status", 15), ("items_page", 25), ("item", 35), ("jobs", 15), ("alerts", 10)]
 SITE_A, SITE_B = "bench-site-a", "bench-site-b"
 SERVER_A, SERVER_B = "bench-mgr-a", "bench-mgr-b"
@@ -153,9 +156,11 @@ class Timings:
 
     rows: list[tuple[str, float, float, int]] = field(default_factory=list)
 
-    def timed(self, name: str, fn: Callable[[], httpx.Response]) -> httpx.Response:
-        t0 = time.time()
-        p0 = time.perf_counter()
+    def timed(self, name: str, fn: Callable[[], httpx.Response], since: float | None = None) -> httpx.Response:
+        """`fn()` timed from now, or from `since` (a perf_counter time: when an open-loop
+        client meant to send it, so that a late start counts as waiting)."""
+        p0 = time.perf_counter() if since is None else since
+        t0 = time.time() - (time.perf_counter() - p0)
         try:
             r = fn()
         except httpx.HTTPError as e:  # a timeout, a dropped connection: counted, status 599
@@ -312,11 +317,14 @@ class ScriptedAgentDouble:
         """GET /agent/desired: at once without a version (timed as "desired"), else a
         long-poll that answers on a change (timed as "desired_wait": mostly waiting)."""
         assert self.client is not None
-        params: dict[str, Any] = {"have": self.desired_version, "wait": wait} if self.desired_version else {}
+        params: dict[str, Any] = ({"have": self.desired_version, "wait": round(wait * self.rnd.uniform(0.75, 1.0), 1),
+                                   "if_changed": "true"} if self.desired_version else {})
         name = "desired_wait" if params else "desired"
         out = _check(t.timed(name, lambda: self.client.get(f"{API}/agent/desired",  # type: ignore[union-attr]
                                                            params=params, timeout=wait + 30)),
                      f"desired state of {self.name}")
+        if out is None:  # 204: still the version it has
+            return
         now = time.monotonic()
         with self._lock:
             if out["version"] == self.desired_version:
@@ -578,22 +586,31 @@ def load_main(cfg_path: str) -> None:
                               headers={"Authorization": f"Bearer {token}"}) as c:
                 c.get(f"{API}/health")  # the TLS handshake, outside the timings
                 done = 0
+                # open loop: Poisson arrivals at this client's share of the rate, each timed
+                # from when it was due (no coordinated omission); closed loop: back to back
+                rate = cfg["operator_rate"] / cfg["clients"]
+                due = time.perf_counter()
                 while done < per_client[i] or time.time() - w0 < cfg["min_window_s"]:
                     done += 1
+                    since = None
+                    if rate > 0:
+                        due += r.expovariate(rate)
+                        time.sleep(max(0.0, due - time.perf_counter()))
+                        since = due
                     what = r.choices(names, weights)[0]
                     if what == "status":
-                        resp = t.timed(what, lambda: c.get(f"{API}/status"))
+                        resp = t.timed(what, lambda: c.get(f"{API}/status"), since)
                     elif what == "items_page":
-                        resp = t.timed(what, lambda: c.get(f"{API}/items", params={"limit": 100}))
+                        resp = t.timed(what, lambda: c.get(f"{API}/items", params={"limit": 100}), since)
                         if resp.status_code == 200:
                             listed.append(len(resp.json()["items"]))
                     elif what == "item":
                         ref = r.choice(refs)
-                        resp = t.timed(what, lambda: c.get(f"{API}/items/{ref}"))
+                        resp = t.timed(what, lambda: c.get(f"{API}/items/{ref}"), since)
                     elif what == "jobs":
-                        resp = t.timed(what, lambda: c.get(f"{API}/jobs", params={"limit": 50}))
+                        resp = t.timed(what, lambda: c.get(f"{API}/jobs", params={"limit": 50}), since)
                     else:
-                        resp = t.timed(what, lambda: c.get(f"{API}/alerts", params={"open": "true"}))
+                        resp = t.timed(what, lambda: c.get(f"{API}/alerts", params={"open": "true"}), since)
                     if resp.status_code >= 400:
                         raise RuntimeError(f"GET {what}: HTTP {resp.status_code}: {resp.text[:300]}")
         except Exception:  # noqa: BLE001
@@ -899,7 +916,8 @@ class BackendRun:
         cfg = {"workdir": str(work), "url": self.cp.url, "ca": str(self.cp.ca), "token": self.cp.token,
                "agents": [(d.name, d.role, d.vms) for d in self.doubles], "double_threads": a.double_threads,
                "poll_seconds": a.poll_seconds, "inventory_seconds": a.inventory_seconds, "mix": self.mix,
-               "item_refs": self.item_refs, "out": str(work / "load.json"), "contract": a.contract, **phase}
+               "item_refs": self.item_refs, "out": str(work / "load.json"), "contract": a.contract,
+               "operator_rate": a.operator_rate, **phase}
         for d in self.doubles:  # their keys and certificates, where the load process looks
             (work / d.name).symlink_to(d.dir)
         (work / "cfg.json").write_text(json.dumps(cfg))
@@ -1017,6 +1035,8 @@ class BackendRun:
         w0, w1 = res["window"]
         # long-polls answered after their wait are waiting, not serving: left out of the latencies
         rows = [r for r in res["rows"] if w0 <= r[1] <= w1 and r[0] != "desired_wait"]
+        if os.environ.get("XROWS"):
+            Path(os.environ["XROWS"]).write_text(json.dumps({"w0": w0, "rows": rows}))
         lat = [r[2] * 1000 for r in rows]
         ops = {n for n, _ in OPERATOR_MIX}
         by: dict[str, dict[str, float]] = {}
@@ -1257,6 +1277,78 @@ def server_main(data_dir: str, tick_seconds: float, workers: int) -> None:
     from standby.api.server import load_settings, serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if os.environ.get("XDEBUG"):
+        import standby.api.server as srv
+        from standby.api.app import create_app as _ca
+        dbg = logging.getLogger("xdebug")
+
+        def create_app(services):  # type: ignore[no-untyped-def]
+            app = _ca(services)
+            from sqlalchemy import event as _ev
+            eng = services.store.engine
+
+            sm = services.store.write_sessions
+
+            @_ev.listens_for(sm, "before_commit")
+            def _c(sess):  # type: ignore[no-untyped-def]
+                sess.info["xc"] = time.perf_counter()
+
+            @_ev.listens_for(sm, "after_commit")
+            def _c2(sess):  # type: ignore[no-untyped-def]
+                dt = time.perf_counter() - sess.info.pop("xc", time.perf_counter())
+                if dt > 0.03:
+                    dbg.warning("COMMIT %.0f ms %s", dt * 1000, time.time() - dt)
+
+            class Timer:
+                def __init__(self, inner):  # type: ignore[no-untyped-def]
+                    self.inner = inner
+                    self.state = inner.state
+
+                def __getattr__(self, k):  # type: ignore[no-untyped-def]
+                    return getattr(self.inner, k)
+
+                async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+                    if not getattr(self, "_mon", None):
+                        import asyncio as _aio
+
+                        async def mon():  # type: ignore[no-untyped-def]
+                            while True:
+                                a = time.perf_counter()
+                                await _aio.sleep(0.01)
+                                lag = time.perf_counter() - a - 0.01
+                                if lag > 0.02:
+                                    dbg.warning("LAG %.0f ms %s", lag * 1000, time.time() - lag)
+                        self._mon = _aio.get_running_loop().create_task(mon())
+                    t0 = time.perf_counter()
+                    await self.inner(scope, receive, send)
+                    dt = time.perf_counter() - t0
+                    if scope.get("type") == "http" and dt > 0.08 and "desired" not in scope.get("path", ""):
+                        dbg.warning("SLOW %.0f ms %s %s", dt * 1000, scope.get("path"), time.time() - dt)
+            return Timer(app)
+        srv.create_app = create_app
+        import gc
+        _gcs: dict[str, float] = {}
+
+        def _gccb(phase, info):  # type: ignore[no-untyped-def]
+            if phase == "start":
+                _gcs["t"] = time.perf_counter()
+            else:
+                dt = time.perf_counter() - _gcs.get("t", time.perf_counter())
+                if dt > 0.01:
+                    dbg.warning("GC gen%d %.0f ms %s collected %d", info["generation"], dt * 1000, time.time() - dt,
+                                info["collected"])
+        gc.callbacks.append(_gccb)
+        from standby.orchestration.scheduler import Scheduler
+        _tick = Scheduler.tick
+
+        def tick(self, now=None, **kw):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            r = _tick(self, now, **kw)
+            dt = time.perf_counter() - t0
+            if dt > 0.05:
+                dbg.warning("TICK %.0f ms %s %s", dt * 1000, time.time() - dt, r)
+            return r
+        Scheduler.tick = tick  # type: ignore[method-assign]
     serve(load_settings(data_dir, tick_seconds=tick_seconds), log_level="warning", workers=workers)
 
 
@@ -1279,6 +1371,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=0, help="repetitions (default 3, --quick 1)")
     ap.add_argument("--requests", type=int, default=0, help="operator requests per repetition (default 2000)")
     ap.add_argument("--clients", type=int, default=8, help="operator client threads")
+    ap.add_argument("--operator-rate", type=float, default=OPERATOR_RATE,
+                    help="operator requests per second over all clients, Poisson arrivals timed from when each "
+                         "was due (0: each client sends back to back, a saturation test)")
     ap.add_argument("--double-threads", type=int, default=10, help="threads driving the agent doubles")
     ap.add_argument("--poll-seconds", type=float, default=1.0,
                     help="how often each double claims tasks (the real agent: about every second)")
@@ -1306,7 +1401,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=5)
     args = ap.parse_args()
     args.reps = args.reps or (1 if args.quick else 3)
-    args.requests = args.requests or (300 if args.quick else 2000)
+    if not args.requests:  # closed loop: a count; open loop: a minute of the rate (10 s with --quick)
+        args.requests = (round(args.operator_rate * (10 if args.quick else 60)) if args.operator_rate > 0
+                         else 300 if args.quick else 2000)
     args.warmup = args.warmup or (1.0 if args.quick else 3.0)
     args.min_window = args.min_window or (4.0 if args.quick else 10.0)
     args.steady = args.steady or (8.0 if args.quick else 20.0)
@@ -1326,6 +1423,7 @@ def main() -> None:
         "items": args.items, "hosts": 2 * hosts, "agents": 2 * hosts,
         "items_created_via": "store.repo.items.create in bulk (POST /items runs readiness and a protect job per VM)",
         "params": {"reps": args.reps, "requests": args.requests, "clients": args.clients,
+                   "operator_rate": args.operator_rate,
                    "double_threads": args.double_threads, "poll_seconds": args.poll_seconds,
                    "inventory_seconds": args.inventory_seconds, "claim_max": CLAIM_MAX,
                    "copy_frequency_seconds": args.copy_frequency, "tick_seconds": args.tick_seconds,

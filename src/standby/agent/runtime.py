@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import logging
 import queue
+import random
 import ssl
 import threading
 import time
@@ -666,10 +667,14 @@ class AgentRuntime:
         away = False
         while not self._stop.is_set():
             have = self.cycles.state.version if self.cycles.state is not None else ""
+            # a wait drawn from the last quarter of the long-poll: agents started together (a
+            # control plane back from a restart) do not all come back in the same second
+            wait = LONG_POLL_SECONDS * random.uniform(0.75, 1.0)
             try:
-                answer = self.cp.call("GET", f"/agent/desired?have={have}&wait={LONG_POLL_SECONDS:g}", long_poll=True)
-                state = DesiredState.model_validate(answer)
-                if state.version != have:
+                answer = self.cp.call("GET", f"/agent/desired?have={have}&wait={wait:.1f}&if_changed=true",
+                                      long_poll=True)
+                state = DesiredState.model_validate(answer) if answer is not None else None  # None: unchanged
+                if state is not None and state.version != have:
                     save_desired(self.cfg.data_dir, state)
                     self.cycles.update(state)
                     log.info("desired state %s: %d VM(s) to replicate, %d replica(s) to keep%s", state.version,

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -108,6 +109,19 @@ def desired_state(session: Session, settings: ServerSettings, agent: Agent, now:
     return DesiredState(agent=agent.name, vms=vms, replicas=replicas, bandwidth=bandwidth).with_version()
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A desired state as answered: its version and its JSON. Remembered so, not as models:
+    a fleet's worth of model objects made every full pass of the cyclic collector longer."""
+
+    version: str
+    body: bytes
+
+    @classmethod
+    def of(cls, state: DesiredState) -> Rendered:
+        return cls(state.version, state.model_dump_json().encode())
+
+
 def _relevant(session: Session) -> bool:
     """Whether this flush touches what desired states are made of."""
     for obj in (*session.new, *session.dirty, *session.deleted):
@@ -143,7 +157,7 @@ class ChangeNotifier:
         self._cond = threading.Condition()
         self.generation = 0
         self._pg_notify: Any = None  # set by listen_postgres: NOTIFY to the other workers
-        self._remembered: dict[int, tuple[int, float, DesiredState]] = {}  # agent id -> (generation, when, state)
+        self._remembered: dict[int, tuple[int, float, Rendered]] = {}  # agent id -> (generation, when, answer)
 
     @property
     def current(self) -> int:
@@ -159,8 +173,7 @@ class ChangeNotifier:
             except Exception:  # noqa: BLE001 - the other workers catch up at their next poll
                 log.warning("NOTIFY %s failed", NOTIFY_CHANNEL, exc_info=True)
 
-    def remembered(self, agent_id: int, generation: int, max_age: float, compute: Callable[[], DesiredState]
-                   ) -> DesiredState:
+    def remembered(self, agent_id: int, generation: int, max_age: float, compute: Callable[[], Rendered]) -> Rendered:
         """The agent's desired state as computed at `generation` (read before computing:
         a commit during the computation moves it on) if not older than `max_age` seconds,
         else `compute()`, remembered. Long-polls that wake or time out with nothing changed
@@ -171,10 +184,10 @@ class ChangeNotifier:
             hit = self._remembered.get(agent_id)
         if hit is not None and hit[0] == generation and now - hit[1] <= max_age:
             return hit[2]
-        state = compute()
+        rendered = compute()
         with self._cond:
-            self._remembered[agent_id] = (generation, now, state)
-        return state
+            self._remembered[agent_id] = (generation, now, rendered)
+        return rendered
 
     def wait(self, since: int, timeout: float) -> int:
         """Wait until the generation moves past `since` (or `timeout`); the generation."""

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
@@ -104,30 +104,38 @@ DESIRED_REMEMBERED_S = 120.0  # a remembered desired state is read again after t
 DESIRED_POLL = 0.25  # how often a long-poll looks at the change counter (no database access)
 
 
-@agent_router.get("/desired", response_model=DesiredState)
+@agent_router.get("/desired", response_model=DesiredState,
+                  responses={204: {"description": "with `if_changed`: still the version the agent has"}})
 async def desired(
     request: Request,
     have: Annotated[str | None, Query(max_length=64, description="the version the agent has")] = None,
     wait: Annotated[float, Query(ge=0, le=DESIRED_WAIT_MAX, description="seconds to wait for a change")] = 0,
+    if_changed: Annotated[bool, Query(description="answer 204 without a body when the version is still `have`")
+                          ] = False,
     ident: AgentIdentity = Depends(require_agent),
     store: Store = Depends(deps.store),
     services: deps.Services = Depends(deps.services),
-) -> DesiredState:
+) -> DesiredState | Response:
     """The agent's desired state (contract.DesiredState). With `have` and `wait`: answered
     as soon as it differs from `have`, or after `wait` seconds with the same version (a
-    long-poll: an agent hears of a change within a second, without polling for it)."""
+    long-poll: an agent hears of a change within a second, without polling for it); with
+    `if_changed` too, that last answer is an empty 204 (most long-polls end so, and a fleet
+    of agents need not be sent what it has every 25 s)."""
     notifier = services.desired
     deadline = time.monotonic() + wait
 
-    def compute(generation: int) -> DesiredState:
+    def compute(generation: int) -> desired_mod.Rendered:
         with store.read() as s:
             agent = s.get(Agent, ident.id)
             if agent is None or agent.state != "active" or agent.cert_fingerprint != ident.fingerprint:
                 raise Unauthorized(f"agent {ident.name!r} is no longer registered with this certificate")
+
+            def fresh() -> desired_mod.Rendered:
+                return desired_mod.Rendered.of(desired_mod.desired_state(s, services.settings, agent, utcnow()))
+
             if have is None:  # an agent (re)starting reads it afresh
-                return desired_mod.desired_state(s, services.settings, agent, utcnow())
-            return notifier.remembered(agent.id, generation, DESIRED_REMEMBERED_S,
-                                       lambda: desired_mod.desired_state(s, services.settings, agent, utcnow()))
+                return fresh()
+            return notifier.remembered(agent.id, generation, DESIRED_REMEMBERED_S, fresh)
 
     server = getattr(request.app.state, "uvicorn", None)
 
@@ -136,9 +144,11 @@ async def desired(
 
     while True:
         seen = notifier.current
-        state = await run_in_threadpool(compute, seen)
-        if state.version != have or time.monotonic() >= deadline or exiting():
-            return state
+        state = await run_in_threadpool(compute, seen)  # rendered there, not on the event loop
+        if state.version != have or ((time.monotonic() >= deadline or exiting()) and not if_changed):
+            return Response(state.body, media_type="application/json")
+        if time.monotonic() >= deadline or exiting():
+            return Response(status_code=204)
         while notifier.current == seen and time.monotonic() < deadline and not exiting():
             await asyncio.sleep(DESIRED_POLL)
 
