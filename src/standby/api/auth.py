@@ -15,6 +15,7 @@ Neither a token nor a key is ever logged: messages name a token by its prefix at
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -29,6 +30,7 @@ from standby.store.repo import tokens as tokens_repo
 from standby.store.repo._common import hash_secret
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+AGENT_REMEMBERED_S = 10.0
 
 # auto_error=False: a missing header is answered by `authenticate` in the contract's body;
 # the scheme still documents bearer auth in the OpenAPI description.
@@ -121,13 +123,27 @@ def cert_fingerprint(der: bytes) -> str:
 
 
 def require_agent(request: Request) -> AgentIdentity:
+    """The agent whose certificate made this request. A certificate found active is
+    remembered for AGENT_REMEMBERED_S: every agent route checks its agent again in its own
+    transaction (`_agent_row`, under the row lock), so a revocation holds at once there;
+    this check only turns strangers away before anything else is done."""
     der = client_cert_der(request)
     if der is None:
         raise Unauthorized("the agent API needs the client certificate the control plane issued at registration")
     fp = cert_fingerprint(bytes(der))
+    known: dict[str, tuple[AgentIdentity, float]] | None = getattr(request.app.state, "agent_idents", None)
+    if known is None:
+        known = request.app.state.agent_idents = {}
+    hit = known.get(fp)
+    if hit is not None and time.monotonic() < hit[1]:
+        return hit[0]
     with request.app.state.services.store.read() as s:
         agent = agents_repo.agent_by_fingerprint(s, fp)
         ident = None if agent is None else AgentIdentity(agent.id, agent.name, agent.host_name, fp)
+    if ident is not None:
+        known[fp] = (ident, time.monotonic() + AGENT_REMEMBERED_S)
+    else:
+        known.pop(fp, None)
     if ident is None:
         raise Unauthorized(
             f"no active agent holds the certificate {fp[:16]}...: it was revoked or replaced; register the agent again"

@@ -282,9 +282,12 @@ def get_agent(
 
 @router.delete("/agents/{name}", response_model=schemas.AgentOut)
 def revoke_agent(
-    name: str, store: Store = Depends(deps.store), settings: ServerSettings = Depends(deps.settings)
+    name: str, request: Request, store: Store = Depends(deps.store),
+    settings: ServerSettings = Depends(deps.settings)
 ) -> schemas.AgentOut:
     """Stop trusting an agent: its certificate is refused from now on (register it again
     with a new key to bring it back)."""
     with store.transaction() as s:
-        return deps.agent_out(agents_repo.revoke_agent(s, name), settings, utcnow())
+        out = deps.agent_out(agents_repo.revoke_agent(s, name), settings, utcnow())
+    getattr(request.app.state, "agent_idents", {}).clear()  # refused from the first check on, here at once
+    return out

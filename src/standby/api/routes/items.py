@@ -105,7 +105,9 @@ def list_items(
 def get_item(ref: Ref, store: Store = Depends(deps.store)) -> schemas.ItemOut:
     """State, health and its reason, RPO, the last recovery point, bytes replicated, the next cycle."""
     with store.read() as s:
-        return deps.item_out(protection.resolve_item(s, item_ref(ref)))
+        ref_ = item_ref(ref)
+        item_id = ref_ if isinstance(ref_, int) else protection.resolve_item(s, ref_).id
+        return deps.item_out(items_repo.shown(s, item_id))
 
 
 @router.post("/items/{ref}/pause", status_code=status.HTTP_202_ACCEPTED, response_model=schemas.ItemJobOut)

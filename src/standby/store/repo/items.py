@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased, selectinload
+from sqlalchemy.orm import Session, aliased, joinedload, selectinload
 
 from standby.domain import lifecycle
-from standby.errors import BadInput, Conflict, Refused
+from standby.errors import BadInput, Conflict, NotFound, Refused
 from standby.store.models import HEALTHS, Cloud, CloudPairing, Host, ProtectedItem, Vm
 from standby.store.repo._common import get as _get
 from standby.store.repo._common import now_or
@@ -71,6 +71,21 @@ def create(
 
 def get(session: Session, item_id: int, *, lock: bool = False) -> ProtectedItem:
     return _get(session, ProtectedItem, item_id, "protected item", lock=lock)
+
+
+def shown(session: Session, item_id: int) -> ProtectedItem:
+    """The item with what `api.deps.item_out` shows of its relations, in one query."""
+    q = select(ProtectedItem).where(ProtectedItem.id == item_id).options(
+        joinedload(ProtectedItem.vm).joinedload(Vm.host),
+        joinedload(ProtectedItem.pairing).joinedload(CloudPairing.primary),
+        joinedload(ProtectedItem.pairing).joinedload(CloudPairing.secondary),
+        joinedload(ProtectedItem.policy),
+        joinedload(ProtectedItem.secondary_host),
+    )
+    item = session.scalars(q).unique().one_or_none()
+    if item is None:
+        raise NotFound(f"protected item {item_id} does not exist")
+    return item
 
 
 def lock_many(session: Session, item_ids: Iterable[int]) -> dict[int, ProtectedItem]:
