@@ -4,7 +4,7 @@ items on SQLite and on PostgreSQL, API latency under load, cycles applied and th
 plane's CPU per 100 items.
 
     .venv/bin/python bench/control_plane.py [--json] [--items N] [--backend sqlite|postgresql|both]
-        [--workers N] [--contract desired|tasks] [--reps N] [--quick]
+        [--workers N] [--contract desired|tasks] [--operator-rate R] [--reps N] [--quick]
 
 What is real and what is simulated. The control plane is the real one: a data dir made by
 `standby.api.server.init_data_dir`, and `serve()` (the HTTPS API under uvicorn, client
@@ -43,11 +43,16 @@ runs a readiness check and a protect job per VM, which at this scale would take 
 than the rest of the run (the output says so under "items_created_via").
 
 Each repetition (`--reps`, default 3): after a warm-up, `--clients` (8) operator threads
-send at least `--requests` (2,000) reads and go on for at least `--min-window` seconds:
-GET /status, GET /items?limit=100, GET /items/{ref}, GET /jobs?limit=50, GET
-/alerts?open=true (weights 15, 25, 35, 15, 10). Every request in that window is timed at
-the client (keep-alive HTTPS connections, handshakes outside the timings): the operator
-reads and the doubles' heartbeat, claim, result and inventory calls. An API whose GET
+send `--requests` reads (default: a minute of the rate) and go on for at least
+`--min-window` seconds: GET /status, GET /items?limit=100, GET /items/{ref}, GET
+/jobs?limit=50, GET /alerts?open=true (weights 15, 25, 35, 15, 10), at `--operator-rate`
+(20 a second over all clients: a busy operations room) with Poisson arrivals, each timed
+from when it was due, so that a request held up by a slow one counts its wait (no
+coordinated omission); `--operator-rate 0` sends back to back (2,000 by default), which
+measures how much the server answers when saturated, not its latency. Every request in
+that window is timed at the client (keep-alive HTTPS connections, handshakes outside the
+timings): the operator reads and the doubles' heartbeat, claim, result, report and
+inventory calls. An API whose GET
 /items ignores `limit` lists every item on each such call: it is then timed once
 (items_list_probe_ms) and left out of the mix (operator_mix says what ran). After each
 window the scheduler stops, the doubles answer what they hold, and the run checks that
@@ -1035,8 +1040,6 @@ class BackendRun:
         w0, w1 = res["window"]
         # long-polls answered after their wait are waiting, not serving: left out of the latencies
         rows = [r for r in res["rows"] if w0 <= r[1] <= w1 and r[0] != "desired_wait"]
-        if os.environ.get("XROWS"):
-            Path(os.environ["XROWS"]).write_text(json.dumps({"w0": w0, "rows": rows}))
         lat = [r[2] * 1000 for r in rows]
         ops = {n for n, _ in OPERATOR_MIX}
         by: dict[str, dict[str, float]] = {}
@@ -1277,78 +1280,6 @@ def server_main(data_dir: str, tick_seconds: float, workers: int) -> None:
     from standby.api.server import load_settings, serve
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if os.environ.get("XDEBUG"):
-        import standby.api.server as srv
-        from standby.api.app import create_app as _ca
-        dbg = logging.getLogger("xdebug")
-
-        def create_app(services):  # type: ignore[no-untyped-def]
-            app = _ca(services)
-            from sqlalchemy import event as _ev
-            eng = services.store.engine
-
-            sm = services.store.write_sessions
-
-            @_ev.listens_for(sm, "before_commit")
-            def _c(sess):  # type: ignore[no-untyped-def]
-                sess.info["xc"] = time.perf_counter()
-
-            @_ev.listens_for(sm, "after_commit")
-            def _c2(sess):  # type: ignore[no-untyped-def]
-                dt = time.perf_counter() - sess.info.pop("xc", time.perf_counter())
-                if dt > 0.03:
-                    dbg.warning("COMMIT %.0f ms %s", dt * 1000, time.time() - dt)
-
-            class Timer:
-                def __init__(self, inner):  # type: ignore[no-untyped-def]
-                    self.inner = inner
-                    self.state = inner.state
-
-                def __getattr__(self, k):  # type: ignore[no-untyped-def]
-                    return getattr(self.inner, k)
-
-                async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
-                    if not getattr(self, "_mon", None):
-                        import asyncio as _aio
-
-                        async def mon():  # type: ignore[no-untyped-def]
-                            while True:
-                                a = time.perf_counter()
-                                await _aio.sleep(0.01)
-                                lag = time.perf_counter() - a - 0.01
-                                if lag > 0.02:
-                                    dbg.warning("LAG %.0f ms %s", lag * 1000, time.time() - lag)
-                        self._mon = _aio.get_running_loop().create_task(mon())
-                    t0 = time.perf_counter()
-                    await self.inner(scope, receive, send)
-                    dt = time.perf_counter() - t0
-                    if scope.get("type") == "http" and dt > 0.08 and "desired" not in scope.get("path", ""):
-                        dbg.warning("SLOW %.0f ms %s %s", dt * 1000, scope.get("path"), time.time() - dt)
-            return Timer(app)
-        srv.create_app = create_app
-        import gc
-        _gcs: dict[str, float] = {}
-
-        def _gccb(phase, info):  # type: ignore[no-untyped-def]
-            if phase == "start":
-                _gcs["t"] = time.perf_counter()
-            else:
-                dt = time.perf_counter() - _gcs.get("t", time.perf_counter())
-                if dt > 0.01:
-                    dbg.warning("GC gen%d %.0f ms %s collected %d", info["generation"], dt * 1000, time.time() - dt,
-                                info["collected"])
-        gc.callbacks.append(_gccb)
-        from standby.orchestration.scheduler import Scheduler
-        _tick = Scheduler.tick
-
-        def tick(self, now=None, **kw):  # type: ignore[no-untyped-def]
-            t0 = time.perf_counter()
-            r = _tick(self, now, **kw)
-            dt = time.perf_counter() - t0
-            if dt > 0.05:
-                dbg.warning("TICK %.0f ms %s %s", dt * 1000, time.time() - dt, r)
-            return r
-        Scheduler.tick = tick  # type: ignore[method-assign]
     serve(load_settings(data_dir, tick_seconds=tick_seconds), log_level="warning", workers=workers)
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from sqlalchemy import func, select
+from sqlalchemy.orm import load_only
 
 from standby import __version__
 from standby.api import deps, schemas
@@ -18,7 +19,7 @@ from standby.orchestration import livefabric
 from standby.orchestration.settings import ServerSettings
 from standby.store.base import utcnow
 from standby.store.db import Store
-from standby.store.models import Alert, ApiToken, Job, ProtectedItem, Webhook
+from standby.store.models import Agent, Alert, ApiToken, Job, ProtectedItem, Webhook
 from standby.store.repo import agents as agents_repo
 from standby.store.repo import alerts as alerts_repo
 from standby.store.repo import tokens as tokens_repo
@@ -189,8 +190,12 @@ def clear_alert(alert_id: schemas.IdPath, store: Store = Depends(deps.store)) ->
 def get_status(store: Store = Depends(deps.store), services: deps.Services = Depends(deps.services)) -> schemas.StatusOut:
     now = utcnow()
     with store.read() as s:
-        by_health = dict(s.execute(select(ProtectedItem.health, func.count()).group_by(ProtectedItem.health)).all())
-        by_state = dict(s.execute(select(ProtectedItem.state, func.count()).group_by(ProtectedItem.state)).all())
+        by_health: dict[str, int] = {}
+        by_state: dict[str, int] = {}
+        for health, state, n in s.execute(select(ProtectedItem.health, ProtectedItem.state, func.count())
+                                          .group_by(ProtectedItem.health, ProtectedItem.state)):
+            by_health[health] = by_health.get(health, 0) + n
+            by_state[state] = by_state.get(state, 0) + n
         agents = [
             schemas.AgentStatus(
                 name=a.name,
@@ -198,7 +203,9 @@ def get_status(store: Store = Depends(deps.store), services: deps.Services = Dep
                 last_heartbeat_at=a.last_heartbeat_at,
                 heartbeat_ok=deps.heartbeat_ok(a, services.settings, now),
             )
-            for a in agents_repo.list_agents(s)
+            # not their facts (inventory, replication lists): hundreds of agents' JSON per call
+            for a in s.scalars(select(Agent).order_by(Agent.name).options(
+                load_only(Agent.name, Agent.state, Agent.last_heartbeat_at, Agent.registered_at)))
         ]
         open_alerts = s.scalar(select(func.count()).select_from(Alert).where(Alert.cleared_at.is_(None))) or 0
         running = s.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.RUNNING.value)) or 0
