@@ -372,8 +372,8 @@ def test_rpo_breach_and_storage_low_alerts_follow_the_item(store: Store, tmp_pat
     _heartbeat(store, "agent-h9", at(110), free=50, total=100)
     _heartbeat(store, "agent-h1", at(110))
     with store.transaction() as s:
-        items.record_cycle(s, fab.item_ids[0], recovery_point_id="p-1", recovery_point_at=at(105),
-                           bytes_sent=1, next_cycle_at=None, now=at(110))
+        items.record_cycle(items.get(s, fab.item_ids[0], lock=True), recovery_point_id="p-1",
+                           recovery_point_at=at(105), bytes_sent=1, next_cycle_at=None, now=at(110))
     r = sched.tick(at(111))
     assert r.alerts_cleared == 2 and r.health_changed == 1
     assert _item(store, fab.item_ids[0]).health == "normal"

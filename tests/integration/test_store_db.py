@@ -575,8 +575,7 @@ def test_protected_item_lifecycle_in_the_store(store: Store) -> None:
         items.transition(s, item_id, domain_next)
     with store.transaction() as s:
         items.record_cycle(
-            s,
-            item_id,
+            items.get(s, item_id, lock=True),
             recovery_point_id="rp-1",
             recovery_point_at=at(290),
             bytes_sent=1 << 20,
@@ -584,8 +583,7 @@ def test_protected_item_lifecycle_in_the_store(store: Store) -> None:
             now=at(300),
         )
         items.record_cycle(
-            s,
-            item_id,
+            items.get(s, item_id, lock=True),
             recovery_point_id="rp-2",
             recovery_point_at=at(590),
             bytes_sent=5 << 30,

@@ -638,7 +638,7 @@ class Scheduler:
             return
         point_at = parse_time(result.get("point_at")) or started
         bytes_sent = result.get("bytes_sent")
-        items.note_cycle(
+        items.record_cycle(
             item,
             recovery_point_id=point_id,
             recovery_point_at=point_at,

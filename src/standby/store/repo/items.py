@@ -220,26 +220,6 @@ def set_health(
 
 
 def record_cycle(
-    session: Session,
-    item_id: int,
-    *,
-    recovery_point_id: str,
-    recovery_point_at: datetime,
-    bytes_sent: int,
-    next_cycle_at: datetime | None,
-    rpo_seconds: float | None = None,
-    now: datetime | None = None,
-) -> ProtectedItem:
-    """A replication cycle made a recovery point: remember it, count the bytes, schedule
-    the next cycle. `rpo_seconds` defaults to the age of the new point at `now`."""
-    item = get(session, item_id, lock=True)
-    note_cycle(item, recovery_point_id=recovery_point_id, recovery_point_at=recovery_point_at, bytes_sent=bytes_sent,
-               next_cycle_at=next_cycle_at, rpo_seconds=rpo_seconds, now=now)
-    session.flush()
-    return item
-
-
-def note_cycle(
     item: ProtectedItem,
     *,
     recovery_point_id: str,
@@ -249,7 +229,9 @@ def note_cycle(
     rpo_seconds: float | None = None,
     now: datetime | None = None,
 ) -> None:
-    """`record_cycle` on an item already locked in the caller's transaction."""
+    """A replication cycle made a recovery point (the item locked in the caller's
+    transaction): remember it, count the bytes, schedule the next cycle. `rpo_seconds`
+    defaults to the age of the new point at `now`."""
     if bytes_sent < 0:
         raise BadInput("bytes_sent cannot be negative")
     now = now_or(now)
