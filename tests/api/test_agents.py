@@ -160,6 +160,7 @@ def test_a_revoked_agent_and_a_replaced_certificate_are_refused(cp: ControlPlane
     assert r.status_code == 200 and r.json()["state"] == "revoked"
     r = new.post("/agent/heartbeat", json={})
     assert r.status_code == 401 and error_of(r)["type"] == "Unauthorized"
+    assert new.get("/agent/desired").status_code == 401  # the read route too, right after a check passed
 
 
 def test_registration_refusals(cp: ControlPlane) -> None:

@@ -79,6 +79,11 @@ def test_desired_state_and_reports(cp: ControlPlane, tmp_path: Path) -> None:
     t0 = time.monotonic()
     same = desired(agent_a, have=got["state"]["version"], wait=1)
     assert same["version"] == got["state"]["version"] and time.monotonic() - t0 >= 0.9
+    # ... or, for an agent that asks so, ends with an empty 204
+    r = agent_a.get("/agent/desired", params={"have": same["version"], "wait": 0.5, "if_changed": "true"})
+    assert r.status_code == 204 and r.content == b""
+    r = agent_a.get("/agent/desired", params={"have": "older", "wait": 0.5, "if_changed": "true"})
+    assert r.status_code == 200 and r.json()["version"] == same["version"]
 
     # the first report makes the first point: protected, the protect job done
     first = _report(item_id)

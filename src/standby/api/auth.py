@@ -142,8 +142,6 @@ def require_agent(request: Request) -> AgentIdentity:
         ident = None if agent is None else AgentIdentity(agent.id, agent.name, agent.host_name, fp)
     if ident is not None:
         known[fp] = (ident, time.monotonic() + AGENT_REMEMBERED_S)
-    else:
-        known.pop(fp, None)
     if ident is None:
         raise Unauthorized(
             f"no active agent holds the certificate {fp[:16]}...: it was revoked or replaced; register the agent again"

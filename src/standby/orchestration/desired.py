@@ -13,9 +13,9 @@ schedule of their pairings (the first one set; one schedule per agent).
 Changes: `ChangeNotifier` counts commits that touched what desired states are made of
 (an item's state, policy, hosts or replication flags; policies, pairings, network
 mappings, agents' addresses, VMs' hosts), from SQLAlchemy's flush events on the store's
-sessions, and wakes the long-polls; each agent's last answer is remembered until the next such commit
-(`ChangeNotifier.remembered`). A report applying a cycle's point does not count:
-it changes nothing an agent is told. With several API workers on PostgreSQL, a commit in
+sessions, and wakes the long-polls; each agent's last answer is remembered until the next
+such commit (`ChangeNotifier.remembered`). A report applying a cycle's point does not
+count: it changes nothing an agent is told. With several API workers on PostgreSQL, a commit in
 one is announced to the others with NOTIFY (`standby_desired`); each worker LISTENs.
 """
 

@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 
 DB_FILENAME = "control-plane.db"
 SQLITE_BUSY_TIMEOUT_S = 30.0
-PG_POOL_SIZE = 16  # connections each API process keeps open to PostgreSQL ...
-PG_POOL_OVERFLOW = 8  # ... and opens beyond that at a peak (closed after it)
 # pg_advisory_xact_lock key serializing concurrent upgrades of one PostgreSQL database.
 _PG_MIGRATION_LOCK = 0x5374616E6462  # "Standb"
 
@@ -176,11 +174,6 @@ def create_store_engine(url: str | URL, **engine_kw: Any) -> Engine:
         if u.get_driver_name() not in ("psycopg", "psycopg2"):
             raise StoreError(f"{u.render_as_string()}: use the postgresql+psycopg:// driver")
         engine_kw.setdefault("pool_pre_ping", True)
-        # The API serves requests on up to 40 threads: with SQLAlchemy's default pool (5
-        # kept, 10 more opened and closed as needed) a busy server opened a PostgreSQL
-        # connection (a new backend process) for many requests. Keep enough open.
-        engine_kw.setdefault("pool_size", PG_POOL_SIZE)
-        engine_kw.setdefault("max_overflow", PG_POOL_OVERFLOW)
         return create_engine(u, **engine_kw)
     raise StoreError(f"{u.render_as_string()}: the store runs on SQLite or PostgreSQL, not {backend}")
 

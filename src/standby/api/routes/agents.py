@@ -145,9 +145,10 @@ async def desired(
     while True:
         seen = notifier.current
         state = await run_in_threadpool(compute, seen)  # rendered there, not on the event loop
-        if state.version != have or ((time.monotonic() >= deadline or exiting()) and not if_changed):
+        ended = time.monotonic() >= deadline or exiting()
+        if state.version != have or (ended and not if_changed):
             return Response(state.body, media_type="application/json")
-        if time.monotonic() >= deadline or exiting():
+        if ended:
             return Response(status_code=204)
         while notifier.current == seen and time.monotonic() < deadline and not exiting():
             await asyncio.sleep(DESIRED_POLL)
